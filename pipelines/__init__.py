@@ -1,0 +1,1 @@
+"""GPU work only: no HTTP, no asyncio, no settings object."""

@@ -1,0 +1,95 @@
+"""create_app(settings): the FastAPI app, its routes and the lifespan that loads models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from pipelines.base import pick_device
+from pipelines.registry import MODEL_ID, WeightsInfo, best_weights
+from pipelines.sdxl_turbo import Limits, SDXLTurbo
+from server import errors
+from server.batcher import BatchPolicy
+from server.config import Settings
+from server.image_store import ImageStore
+from server.middleware import RequestContext
+from server.providers.local import LocalImages
+from server.routes import images, ops
+from server.state import AppState
+
+log = logging.getLogger("spillway")
+
+Loader = Callable[[Settings], LocalImages]
+
+
+def batch_policy(settings: Settings) -> BatchPolicy:
+    b = settings.batch
+    return BatchPolicy(max_batch=b.max_batch, max_batch_pixels=b.max_batch_pixels,
+                       max_wait_s=b.max_wait_ms / 1000, max_queue=b.max_queue)
+
+
+def resolve_weights(settings: Settings) -> WeightsInfo:
+    if settings.sdxl_weights is not None:
+        return WeightsInfo(MODEL_ID, "hub", settings.sdxl_weights)
+    found = best_weights(settings.weights_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"no SDXL weights under {settings.weights_dir.resolve()}: run "
+            "`spillway weights tiny` (built-in default) or `spillway weights fetch sdxl-turbo`")
+    return found
+
+
+def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
+    weights = resolve_weights(settings)
+    limits = Limits(min_side=settings.images.min_side, max_side=settings.images.max_side)
+    engine = SDXLTurbo.load(weights.path, pick_device(settings.device), variant=weights.variant,
+                            xformers=settings.xformers, limits=limits)
+    return engine, weights
+
+
+def load_local_images(settings: Settings) -> LocalImages:
+    engine, weights = load_engine(settings)
+    description = f"{engine.device.type}, {str(engine.pipe.dtype).removeprefix('torch.')}, " \
+                  f"{engine.attention}"
+    return LocalImages(MODEL_ID, weights, engine.text2img, batch_policy(settings),
+                       settings.batch.default_timeout_s, description)
+
+
+def create_app(settings: Settings, loader: Loader = load_local_images) -> FastAPI:
+    state = AppState(settings, ImageStore(settings.images.url_ttl_s,
+                                          settings.images.url_store_mb * 2**20))
+
+    async def load() -> None:
+        try:
+            local = await asyncio.to_thread(loader, settings)
+        except Exception as exc:
+            state.load_error = str(exc)
+            log.exception("model load failed: %s", exc)
+            return
+        local.start()
+        state.images = local
+        log.info("serving %s from %s [%s] (%s)", local.model_id, local.weights.path,
+                 local.weights.label, local.description)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers at once, /readyz says 503 until done.
+        state.loader = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            state.loader.cancel()
+            if state.images is not None:
+                await asyncio.to_thread(state.images.close)
+
+    app = FastAPI(title="Spillway", version="0.1.0", lifespan=lifespan)
+    app.state.spillway = state
+    errors.install(app)
+    app.include_router(ops.router)
+    app.include_router(images.router)
+    app.add_middleware(RequestContext, max_body=int(settings.max_body_mb * 2**20))
+    return app

@@ -1,0 +1,266 @@
+"""A bounded queue feeding one device worker thread with compatible micro-batches.
+
+The decisions are pure functions (``form_batch``, ``split_expired``); the ``Batcher``
+class only holds the lock, the thread and the measurements. While the worker runs
+batch k, arriving items queue up grouped by shape, so batch k+1 is ready the moment
+the device frees, and it is as large as the waiting work allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+
+class Item(Protocol):
+    @property
+    def shape_key(self) -> Hashable: ...
+
+    @property
+    def pixels(self) -> int: ...
+
+
+T = TypeVar("T", bound=Item)
+R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"queue full, retry after {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
+
+
+class Expired(Exception):
+    """The item's deadline passed before the device reached it."""
+
+
+class Closed(Exception):
+    """The batcher stopped before the item ran."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch: int = 32
+    max_batch_pixels: int = 16 * 512 * 512
+    max_wait_s: float = 0.010
+    max_queue: int = 256
+
+
+@dataclass(eq=False)
+class Pending(Generic[T]):
+    item: T
+    enqueued: float
+    deadline: float
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class Decision:
+    take: tuple[int, ...] = ()  # indices into the pending list, in arrival order
+    wait_s: float | None = None  # when nothing is taken: how long until it is worth looking again
+
+
+def split_expired(pending: Sequence[Pending[T]], now: float
+                  ) -> tuple[list[Pending[T]], list[Pending[T]], list[Pending[T]]]:
+    """(live, expired, cancelled): the last two must never reach the device."""
+    live, expired, cancelled = [], [], []
+    for p in pending:
+        if p.future.cancelled():
+            cancelled.append(p)
+        elif p.deadline <= now:
+            expired.append(p)
+        else:
+            live.append(p)
+    return live, expired, cancelled
+
+
+def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy) -> Decision:
+    """Pick the next batch: the oldest item's shape, in arrival order, within budget.
+
+    Closes when the batch is full (item count or pixel budget) or the oldest item has
+    waited ``max_wait_s``; otherwise says how long to wait. The first item is always
+    admitted, even when it alone is over the pixel budget, so nothing starves.
+    """
+    if not pending:
+        return Decision()
+    oldest = pending[0]
+    key = oldest.item.shape_key
+    take: list[int] = []
+    pixels = 0
+    full = False
+    for i, p in enumerate(pending):
+        if p.item.shape_key != key:
+            continue
+        if take and (len(take) >= policy.max_batch
+                     or pixels + p.item.pixels > policy.max_batch_pixels):
+            full = True
+            break
+        take.append(i)
+        pixels += p.item.pixels
+    full = full or len(take) >= policy.max_batch or pixels + oldest.item.pixels > policy.max_batch_pixels
+    waited = now - oldest.enqueued
+    if full or waited >= policy.max_wait_s:
+        return Decision(take=tuple(take))
+    return Decision(wait_s=policy.max_wait_s - waited)
+
+
+class Ewma:
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    queued: int
+    running: int
+    items_per_s: float | None
+    batches: int
+    items_done: int
+
+
+class Batcher(Generic[T, R]):
+    """One per loaded model. ``run_batch`` owns the device and is only called from the
+    worker thread, with items of one shape, and must return one result per item."""
+
+    def __init__(self, name: str, run_batch: Callable[[list[T]], list[R]],
+                 policy: BatchPolicy, *, default_item_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.policy = policy
+        self._run_batch = run_batch
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: list[Pending[T]] = []
+        self._closing = False
+        self._running: tuple[float, float, int] | None = None  # (started, expected_s, items)
+        self._item_s: dict[Hashable, tuple[Ewma, int]] = {}  # shape -> (s/item, pixels)
+        self._rate = Ewma()  # items/s over all shapes
+        self._default_item_s = default_item_s
+        self._batches = 0
+        self._items_done = 0
+        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop admitting, fail what has not started, let the running batch finish."""
+        with self._cond:
+            self._closing = True
+            left, self._pending = self._pending, []
+            self._cond.notify_all()
+        for p in left:
+            if p.future.set_running_or_notify_cancel():
+                p.future.set_exception(Closed("server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- admission -------------------------------------------------------------------
+    def submit(self, items: Sequence[T], timeout_s: float) -> list[Future[R]]:
+        """Admit all items or none: a cheap check under the lock, no work done."""
+        now = self._clock()
+        with self._cond:
+            if self._closing:
+                raise Closed("server is shutting down")
+            if len(self._pending) + len(items) > self.policy.max_queue:
+                raise QueueFull(self._drain_s_locked(now))
+            entries = [Pending(item, now, now + timeout_s) for item in items]
+            self._pending.extend(entries)
+            self._cond.notify_all()
+        return [e.future for e in entries]
+
+    # -- signals for the router ------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        with self._cond:
+            running = self._running[2] if self._running else 0
+            return Snapshot(len(self._pending), running, self._rate.value,
+                            self._batches, self._items_done)
+
+    def estimated_wait(self, items: Sequence[T]) -> float:
+        """Seconds until these items would be done if admitted now."""
+        now = self._clock()
+        with self._cond:
+            return self._drain_s_locked(now) + sum(self._seconds_for(i) for i in items)
+
+    def _drain_s_locked(self, now: float) -> float:
+        ahead = sum(self._seconds_for(p.item) for p in self._pending)
+        if self._running:
+            started, expected, _ = self._running
+            ahead += max(0.0, started + expected - now)
+        return ahead
+
+    def _seconds_for(self, item: T) -> float:
+        seen = self._item_s.get(item.shape_key)
+        if seen is not None and seen[0].value is not None:
+            return seen[0].value
+        # An unseen shape costs what the cheapest seen one costs per pixel; else the prior.
+        per_pixel = [e.value / px for e, px in self._item_s.values() if e.value is not None]
+        return min(per_pixel) * item.pixels if per_pixel else self._default_item_s
+
+    # -- the device worker -----------------------------------------------------------
+    def _next_batch(self) -> list[Pending[T]] | None:
+        with self._cond:
+            while True:
+                now = self._clock()
+                live, expired, _cancelled = split_expired(self._pending, now)
+                self._pending = live
+                for p in expired:
+                    if p.future.set_running_or_notify_cancel():
+                        p.future.set_exception(Expired("deadline passed while queued"))
+                if self._closing:
+                    return None
+                decision = form_batch(self._pending, now, self.policy)
+                if decision.take:
+                    chosen = set(decision.take)
+                    batch = [self._pending[i] for i in decision.take]
+                    self._pending = [p for i, p in enumerate(self._pending) if i not in chosen]
+                    expected = sum(self._seconds_for(p.item) for p in batch)
+                    self._running = (now, expected, len(batch))
+                    return batch
+                self._cond.wait(decision.wait_s)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            # A client that left between forming and now is dropped here, not computed.
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
+            with self._cond:
+                self._running = None
+
+    def _run(self, batch: list[Pending[T]]) -> None:
+        started = self._clock()
+        try:
+            results = self._run_batch([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
+        except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            for p in batch:
+                p.future.set_exception(exc)
+            return
+        elapsed = max(self._clock() - started, 1e-6)
+        key = batch[0].item.shape_key
+        with self._cond:
+            self._item_s.setdefault(key, (Ewma(), batch[0].item.pixels))[0].add(
+                elapsed / len(batch))
+            self._rate.add(len(batch) / elapsed)
+            self._batches += 1
+            self._items_done += len(batch)
+        for p, result in zip(batch, results, strict=True):
+            p.future.set_result(result)

@@ -1,0 +1,59 @@
+"""All settings, from ``SPILLWAY_*`` environment variables (nested with ``__``).
+
+Nothing here is read at import time: ``get_settings()`` builds the object on first use
+and tests pass their own ``Settings`` to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BatchSettings(BaseModel):
+    max_batch: int = Field(32, ge=1, description="most items in one pipeline call")
+    max_batch_pixels: int = Field(16 * 512 * 512, ge=64 * 64,
+                                  description="pixel budget per batch: more small images than large")
+    max_wait_ms: float = Field(10.0, ge=0, description="how long the first item waits for company")
+    max_queue: int = Field(256, ge=1, description="items waiting, beyond which requests get 429")
+    default_timeout_s: float = Field(120.0, gt=0, description="an item not started by then expires")
+
+
+class ImageSettings(BaseModel):
+    min_side: int = Field(256, ge=8)
+    max_side: int = Field(1024, ge=8)
+    default_size: str = "512x512"
+    default_steps: int = Field(1, ge=1, le=4)
+    url_ttl_s: int = Field(3600, ge=1, description="how long `url` responses stay fetchable")
+    url_store_mb: int = Field(512, ge=1, description="memory for `url` images; oldest go first")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ImageSettings:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPILLWAY_", env_nested_delimiter="__",
+                                      extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    weights_dir: Path = Path("weights")
+    sdxl_weights: Path | None = Field(None, description="serve this folder instead of the best found")
+    device: str = "auto"
+    xformers: bool = False
+    max_body_mb: float = Field(25.0, gt=0)
+    public_url: str | None = Field(None, description="base for `url` responses; default: the request's")
+    log_level: str = "info"
+    batch: BatchSettings = BatchSettings()
+    images: ImageSettings = ImageSettings()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

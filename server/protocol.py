@@ -1,0 +1,111 @@
+"""Wire models (OpenAI images API) and their conversion to and from jobs."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.config import ImageSettings
+from server.errors import bad_request
+from server.job import ImageJob
+
+MAX_PROMPT_CHARS = 32000
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+# SDXL-Turbo gets sharper with a few more steps; quality names map onto them.
+QUALITY_STEPS = {"low": 1, "standard": 1, "medium": 2, "high": 4, "hd": 4}
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+
+
+class ImageGenerationRequest(BaseModel):
+    # Unknown fields are ignored, as newer SDKs add parameters (moderation, style...).
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int | None = Field(1, ge=1, le=10)
+    size: str | None = "auto"
+    quality: Quality | None = "auto"
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    stream: bool | None = None
+    user: str | None = None
+    # Spillway extensions
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=4)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the prompt is empty")
+        return v
+
+
+def parse_size(size: str | None, limits: ImageSettings) -> tuple[int, int]:
+    text = limits.default_size if size in (None, "", "auto") else str(size)
+    m = _SIZE.match(text)
+    if not m:
+        raise bad_request(f"Invalid size {size!r}: use 'auto' or 'WIDTHxHEIGHT', e.g. '512x512'.",
+                          param="size")
+    width, height = int(m.group(1)), int(m.group(2))
+    for side in (width, height):
+        if not limits.min_side <= side <= limits.max_side:
+            raise bad_request(f"Invalid size {size!r}: each side must be within "
+                              f"{limits.min_side}..{limits.max_side}.", param="size")
+        if side % 8:
+            raise bad_request(f"Invalid size {size!r}: each side must be a multiple of 8.",
+                              param="size")
+    return width, height
+
+
+def seeds_for(seed: int | None, n: int) -> list[int]:
+    """A given seed s makes images s, s+1, ...; no seed draws fresh ones."""
+    if seed is None:
+        return [secrets.randbelow(2**32) for _ in range(n)]
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def to_image_job(req: ImageGenerationRequest, model: str, limits: ImageSettings) -> ImageJob:
+    if req.stream:
+        raise bad_request("Streaming image generation is not supported; omit 'stream'.",
+                          param="stream", code="unsupported_value")
+    if req.background == "transparent":
+        raise bad_request("Transparent backgrounds are not supported by this model.",
+                          param="background", code="unsupported_value")
+    width, height = parse_size(req.size, limits)
+    quality = req.quality or "auto"
+    steps = req.steps or QUALITY_STEPS.get(quality, limits.default_steps)
+    n = req.n or 1
+    return ImageJob(
+        model=model,
+        prompt=req.prompt,
+        seeds=seeds_for(req.seed, n),
+        width=width,
+        height=height,
+        steps=steps,
+        quality=quality,
+        response_format=req.response_format or "b64_json",
+        output_format=req.output_format or "png",
+        output_compression=req.output_compression,
+        user=req.user,
+    )
+
+
+def images_response(job: ImageJob, data: list[dict[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": job.output_format,
+        "size": f"{job.width}x{job.height}",
+    }
+    if job.quality in ("low", "medium", "high"):
+        body["quality"] = job.quality
+    return body

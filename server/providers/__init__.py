@@ -1,0 +1,1 @@
+"""Where jobs run: local batchers now, cloud providers later; one interface."""

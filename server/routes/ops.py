@@ -1,0 +1,50 @@
+"""Liveness, readiness and the model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from pipelines.registry import MODEL_ID
+from server.state import State
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> JSONResponse:
+    if state.images is None:
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
+    snap = state.images.batcher.snapshot()
+    return JSONResponse({"status": "ready", "models": [MODEL_ID], "queued": snap.queued})
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict[str, Any]:
+    data = []
+    if state.images is not None:
+        local = state.images
+        snap = local.batcher.snapshot()
+        data.append({
+            "id": local.model_id,
+            "object": "model",
+            "created": int(local.weights.path.stat().st_mtime),
+            "owned_by": "spillway",
+            "spillway": {
+                "weights": local.weights.label,
+                "source": local.weights.source,
+                "path": str(local.weights.path),
+                "engine": local.description,
+                "queued": snap.queued,
+                "items_per_s": snap.items_per_s,
+            },
+        })
+    return {"object": "list", "data": data}
