@@ -1,0 +1,177 @@
+"""`spillway`: serve, generate, weights, bench."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from server.config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Spillway: a self-hosted image server speaking the OpenAI API.")
+weights_app = typer.Typer(no_args_is_help=True, help="Make, fetch and list model weights.")
+app.add_typer(weights_app, name="weights")
+
+WeightsDir = Annotated[Path | None, typer.Option(
+    "--weights-dir", help="default: SPILLWAY_WEIGHTS_DIR or ./weights")]
+
+
+def _settings(**overrides: object) -> Settings:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)  # type: ignore[arg-type]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(host: Annotated[str | None, typer.Option()] = None,
+          port: Annotated[int | None, typer.Option()] = None,
+          weights_dir: WeightsDir = None) -> None:
+    """Start the HTTP server (OpenAI-compatible, under /v1)."""
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(host=host, port=port, weights_dir=weights_dir)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
+
+
+@app.command()
+def generate(prompt: str,
+             output: Annotated[Path, typer.Option("-o", "--output", help="png, jpg or webp")]
+             = Path("out.png"),
+             seed: Annotated[int, typer.Option()] = 0,
+             size: Annotated[str, typer.Option()] = "auto",
+             steps: Annotated[int | None, typer.Option(min=1, max=4)] = None,
+             weights_dir: WeightsDir = None) -> None:
+    """Make one image in-process, no server needed."""
+    from server.app import load_engine
+    from server.errors import APIError
+    from server.protocol import parse_size
+    from server.providers.local import encode_image
+
+    settings = _settings(weights_dir=weights_dir)
+    fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
+        output.suffix.lower())
+    if fmt is None:
+        raise _fail(f"cannot tell the image format from {output.name!r}: use .png, .jpg or .webp")
+    try:
+        width, height = parse_size(size, settings.images)
+    except APIError as exc:
+        raise _fail(exc.message) from exc
+    try:
+        engine, weights = load_engine(settings)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    from pipelines.base import ImageItem
+
+    item = ImageItem(prompt, seed, width, height, steps or settings.images.default_steps)
+    image = engine.text2img([item])[0]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".partial")
+    tmp.write_bytes(encode_image(image, fmt, None))
+    tmp.replace(output)
+    typer.echo(f"{output} ({width}x{height}, seed {seed}, {item.steps} step(s), "
+               f"weights: {weights.label})")
+
+
+@weights_app.command("tiny")
+def weights_tiny(weights_dir: WeightsDir = None) -> None:
+    """Build the tiny random-weight SDXL pipeline (the built-in default)."""
+    from pipelines.registry import build_tiny
+
+    info = build_tiny(_settings(weights_dir=weights_dir).weights_dir)
+    typer.echo(f"built {info.label} at {info.path}")
+
+
+@weights_app.command("ensure")
+def weights_ensure(weights_dir: WeightsDir = None) -> None:
+    """Build the tiny model only if no weights are present."""
+    from pipelines.registry import best_weights, build_tiny
+
+    root = _settings(weights_dir=weights_dir).weights_dir
+    info = best_weights(root)
+    if info is None:
+        info = build_tiny(root)
+        typer.echo(f"no weights found: built {info.label} at {info.path}")
+    else:
+        typer.echo(f"using {info.label} at {info.path}")
+
+
+@weights_app.command("fetch")
+def weights_fetch(model: str, weights_dir: WeightsDir = None,
+                  endpoint: Annotated[str | None, typer.Option(
+                      help="hub address; default: HF_ENDPOINT or huggingface.co")] = None) -> None:
+    """Download real weights from the Hugging Face Hub (needs a network)."""
+    from pipelines.registry import FetchError, fetch
+
+    try:
+        info = fetch(model, _settings(weights_dir=weights_dir).weights_dir, endpoint)
+    except FetchError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"fetched {info.label} into {info.path}")
+
+
+@weights_app.command("random-full")
+def weights_random_full(model: str, weights_dir: WeightsDir = None,
+                        device: Annotated[str, typer.Option()] = "auto") -> None:
+    """Build the real architecture with random weights (fp16), for GPU benchmarks."""
+    from pipelines.registry import MODEL_ID, build_random_full
+
+    if model != MODEL_ID:
+        raise _fail(f"unknown model {model!r}: random-full knows {MODEL_ID!r}")
+    info = build_random_full(_settings(weights_dir=weights_dir).weights_dir, device)
+    typer.echo(f"built {info.label} at {info.path}")
+
+
+@weights_app.command("list")
+def weights_list(weights_dir: WeightsDir = None) -> None:
+    """Show the weights present, the one served first."""
+    from pipelines.registry import list_weights
+
+    root = _settings(weights_dir=weights_dir).weights_dir
+    found = list_weights(root)
+    if not found:
+        typer.echo(f"no weights under {root}: `spillway weights tiny` builds the default")
+        return
+    for i, info in enumerate(found):
+        mark = "*" if i == 0 else " "
+        typer.echo(f"{mark} {info.model_id:12} {info.label:32} {info.path}")
+
+
+@app.command()
+def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
+          requests: Annotated[int, typer.Option(help="requests per mode")] = 192,
+          size: Annotated[str, typer.Option()] = "64x64",
+          steps: Annotated[int, typer.Option(min=1, max=4)] = 1,
+          weights_dir: WeightsDir = None,
+          sweep: Annotated[str | None, typer.Option(
+              help="instead: time the pipeline alone at these batch sizes, e.g. 1,4,8,16,32")]
+          = None) -> None:
+    """Batched engine vs one-at-a-time, side by side, through the real HTTP server."""
+    from server import bench as bench_mod
+
+    settings = _settings(weights_dir=weights_dir)
+    if sweep:
+        sizes = [int(s) for s in sweep.split(",") if s.strip()]
+        bench_mod.sweep(settings, sizes, size, steps)
+    else:
+        bench_mod.compare(settings, clients=clients, requests=requests, size=size, steps=steps)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m server.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
