@@ -174,7 +174,7 @@ class Batcher(Generic[T, R]):
         with self._cond:
             if self._closing:
                 raise Closed("server is shutting down")
-            if len(self._pending) + len(items) > self.policy.max_queue:
+            if self._live_locked() + len(items) > self.policy.max_queue:
                 raise QueueFull(self._drain_s_locked(now))
             entries = [Pending(item, now, now + timeout_s) for item in items]
             self._pending.extend(entries)
@@ -185,7 +185,7 @@ class Batcher(Generic[T, R]):
     def snapshot(self) -> Snapshot:
         with self._cond:
             running = self._running[2] if self._running else 0
-            return Snapshot(len(self._pending), running, self._rate.value,
+            return Snapshot(self._live_locked(), running, self._rate.value,
                             self._batches, self._items_done)
 
     def estimated_wait(self, items: Sequence[T]) -> float:
@@ -194,8 +194,13 @@ class Batcher(Generic[T, R]):
         with self._cond:
             return self._drain_s_locked(now) + sum(self._seconds_for(i) for i in items)
 
+    def _live_locked(self) -> int:
+        """Queued items a client still waits for (a cancelled one is gone for good)."""
+        return sum(1 for p in self._pending if not p.future.cancelled())
+
     def _drain_s_locked(self, now: float) -> float:
-        ahead = sum(self._seconds_for(p.item) for p in self._pending)
+        ahead = sum(self._seconds_for(p.item) for p in self._pending
+                    if not p.future.cancelled())
         if self._running:
             started, expected, _ = self._running
             ahead += max(0.0, started + expected - now)

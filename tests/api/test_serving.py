@@ -1,0 +1,225 @@
+"""Serving behaviour a user sees when the device is busy, slow, failing or loading.
+
+The real tiny pipeline runs behind a gate the test controls, so "the device is busy"
+is a fact of the test, not a race."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.base import ImageItem
+from pipelines.registry import MODEL_ID, WeightsInfo, best_weights
+from pipelines.sdxl_turbo import SDXLTurbo
+from server.app import batch_policy, create_app
+from server.config import BatchSettings, Settings
+from server.providers.local import LocalImages
+from tests.conftest import serve
+
+
+class Device:
+    """The tiny engine behind a gate; records every pipeline call's prompts."""
+
+    def __init__(self, engine: SDXLTurbo) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.gate.set()
+        self.busy = threading.Event()
+        self.calls: list[list[str]] = []
+        self.fail_on = "boom"
+
+    def text2img(self, items: list[ImageItem]) -> list[Image.Image]:
+        self.busy.set()
+        assert self.gate.wait(60)
+        self.calls.append([i.prompt for i in items])
+        if any(self.fail_on in i.prompt for i in items):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.engine.text2img(items)
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_weights: Path) -> WeightsInfo:
+    info = best_weights(tiny_weights)
+    assert info is not None
+    return info
+
+
+@pytest.fixture(scope="module")
+def engine(weights: WeightsInfo) -> SDXLTurbo:
+    return SDXLTurbo.load(weights.path, torch.device("cpu"))
+
+
+@pytest.fixture
+def device(engine: SDXLTurbo) -> Iterator[Device]:
+    d = Device(engine)
+    yield d
+    d.gate.set()
+
+
+def start(device: Device, weights: WeightsInfo, tiny_weights: Path, **batch: Any):
+    settings = Settings(weights_dir=tiny_weights, batch=BatchSettings(**batch))
+    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings),
+                        settings.batch.default_timeout_s)
+    return serve(create_app(settings, loader=lambda _: local)), local
+
+
+def sdk(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def gen(base: str, prompt: str, seed: int = 1, size: str = "256x256", n: int = 1
+        ) -> httpx.Response:
+    return httpx.post(f"{base}/v1/images/generations", timeout=60,
+                      json={"prompt": prompt, "seed": seed, "size": size, "n": n})
+
+
+def hold_device(pool: ThreadPoolExecutor, device: Device, base: str) -> Future[httpx.Response]:
+    """Close the gate and put one request on the device, so everything after queues."""
+    device.gate.clear()
+    device.busy.clear()
+    blocker = pool.submit(gen, base, "blocker", 1, "512x512")
+    assert device.busy.wait(30)
+    return blocker
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def pixels(resp: httpx.Response, i: int = 0) -> np.ndarray:
+    raw = base64.b64decode(resp.json()["data"][i]["b64_json"])
+    return np.asarray(Image.open(io.BytesIO(raw))).astype(int)
+
+
+def test_requests_queued_while_busy_run_as_one_batch(device, weights, tiny_weights) -> None:
+    ctx, local = start(device, weights, tiny_weights)
+    with ctx as base, ThreadPoolExecutor(12) as pool:
+        blocker = hold_device(pool, device, base)
+        waiting = [pool.submit(gen, base, f"prompt {i}", 100 + i) for i in range(8)]
+        wait_for(lambda: local.batcher.snapshot().queued == 8)
+        device.gate.set()
+        together = [f.result() for f in waiting]
+        assert blocker.result().status_code == 200
+        assert all(r.status_code == 200 for r in together)
+        # the eight requests that queued behind the busy device shared ONE pipeline call
+        assert sorted(device.calls[1]) == sorted(f"prompt {i}" for i in range(8))
+        assert len(device.calls) == 2
+        for i, r in enumerate(together):
+            assert r.json()["data"][0]["seed"] == 100 + i
+            alone = gen(base, f"prompt {i}", 100 + i)
+            assert np.abs(pixels(r) - pixels(alone)).max() <= 1
+
+
+def test_full_queue_gets_429_with_retry_after(device, weights, tiny_weights) -> None:
+    ctx, local = start(device, weights, tiny_weights, max_queue=4)
+    with ctx as base, ThreadPoolExecutor(4) as pool:
+        blocker = hold_device(pool, device, base)
+        four = pool.submit(gen, base, "four", 1, "256x256", 4)
+        wait_for(lambda: local.batcher.snapshot().queued == 4)
+        with pytest.raises(openai.RateLimitError) as exc:
+            sdk(base).images.generate(prompt="one more", size="256x256")
+        assert int(exc.value.response.headers["retry-after"]) >= 1
+        assert exc.value.body["code"] == "queue_full"  # type: ignore[index]
+        assert exc.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+        device.gate.set()
+        assert blocker.result().status_code == 200
+        assert len(four.result().json()["data"]) == 4
+        # room again: the same request now succeeds
+        assert sdk(base).images.generate(prompt="one more", size="256x256").data
+    assert not any("one more" in p for call in device.calls[:2] for p in call)
+
+
+def test_client_that_leaves_never_reaches_the_device(device, weights, tiny_weights) -> None:
+    ctx, local = start(device, weights, tiny_weights)
+    with ctx as base, ThreadPoolExecutor(4) as pool:
+        blocker = hold_device(pool, device, base)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/images/generations", timeout=1.0,
+                       json={"prompt": "abandoned", "size": "256x256", "n": 3})
+        wait_for(lambda: local.batcher.snapshot().queued == 0)
+        device.gate.set()
+        assert blocker.result().status_code == 200
+        assert gen(base, "after").status_code == 200
+    assert all("abandoned" not in p for call in device.calls for p in call)
+
+
+def test_item_that_waits_past_its_deadline_is_dropped(device, weights, tiny_weights) -> None:
+    ctx, _ = start(device, weights, tiny_weights, default_timeout_s=0.5)
+    with ctx as base, ThreadPoolExecutor(4) as pool:
+        blocker = hold_device(pool, device, base)
+        late = pool.submit(gen, base, "too late")
+        time.sleep(1.0)
+        device.gate.set()
+        r = late.result()
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "queue_timeout"
+        assert blocker.result().status_code in (200, 503)
+    assert all("too late" not in p for call in device.calls for p in call)
+
+
+def test_failing_batch_fails_only_its_requests(device, weights, tiny_weights) -> None:
+    ctx, local = start(device, weights, tiny_weights)
+    with ctx as base, ThreadPoolExecutor(4) as pool:
+        blocker = hold_device(pool, device, base)
+        bad = pool.submit(gen, base, "boom", 1, "256x256", 2)
+        good = pool.submit(gen, base, "fine", 1, "320x320")
+        wait_for(lambda: local.batcher.snapshot().queued == 3)
+        device.gate.set()
+        r = bad.result()
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["type"] == "server_error" and "out of memory" in err["message"]
+        assert good.result().status_code == 200
+        assert blocker.result().status_code == 200
+        # and the server keeps serving
+        with pytest.raises(openai.InternalServerError):
+            sdk(base).images.generate(prompt="boom again", size="256x256")
+        assert sdk(base).images.generate(prompt="still here", size="256x256").data
+
+
+def test_not_ready_until_loaded(weights, engine, tiny_weights) -> None:
+    release = threading.Event()
+    settings = Settings(weights_dir=tiny_weights)
+
+    def slow_loader(s: Settings) -> LocalImages:
+        assert release.wait(60)
+        return LocalImages(MODEL_ID, weights, engine.text2img, batch_policy(s), 60)
+
+    with serve(create_app(settings, loader=slow_loader), wait_ready=False) as base:
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        r = httpx.get(f"{base}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = gen(base, "early")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "model_not_ready"
+        release.set()
+        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200)
+        assert gen(base, "now").status_code == 200
+
+
+def test_failed_load_reports_failed(tiny_weights) -> None:
+    def broken(_: Settings) -> LocalImages:
+        raise FileNotFoundError("no weights")
+
+    with serve(create_app(Settings(weights_dir=tiny_weights), loader=broken),
+               wait_ready=False) as base:
+        wait_for(lambda: httpx.get(f"{base}/readyz").json()["status"] == "failed")
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert gen(base, "x").status_code == 503
