@@ -18,7 +18,8 @@ class BatchSettings(BaseModel):
     max_batch_pixels: int = Field(16 * 512 * 512, ge=64 * 64,
                                   description="pixel budget per batch: more small images than large")
     max_wait_ms: float = Field(10.0, ge=0, description="how long the first item waits for company")
-    max_queue: int = Field(256, ge=1, description="items waiting, beyond which requests get 429")
+    # at least one full request (n <= 10), or some requests could never be admitted
+    max_queue: int = Field(256, ge=10, description="items waiting, beyond which requests get 429")
     default_timeout_s: float = Field(120.0, gt=0, description="an item not started by then expires")
 
 

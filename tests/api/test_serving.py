@@ -127,11 +127,11 @@ def test_requests_queued_while_busy_run_as_one_batch(device, weights, tiny_weigh
 
 
 def test_full_queue_gets_429_with_retry_after(device, weights, tiny_weights) -> None:
-    ctx, local = start(device, weights, tiny_weights, max_queue=4)
+    ctx, local = start(device, weights, tiny_weights, max_queue=10)
     with ctx as base, ThreadPoolExecutor(4) as pool:
         blocker = hold_device(pool, device, base)
-        four = pool.submit(gen, base, "four", 1, "256x256", 4)
-        wait_for(lambda: local.batcher.snapshot().queued == 4)
+        ten = pool.submit(gen, base, "ten", 1, "256x256", 10)
+        wait_for(lambda: local.batcher.snapshot().queued == 10)
         with pytest.raises(openai.RateLimitError) as exc:
             sdk(base).images.generate(prompt="one more", size="256x256")
         assert int(exc.value.response.headers["retry-after"]) >= 1
@@ -139,7 +139,7 @@ def test_full_queue_gets_429_with_retry_after(device, weights, tiny_weights) -> 
         assert exc.value.body["type"] == "rate_limit_error"  # type: ignore[index]
         device.gate.set()
         assert blocker.result().status_code == 200
-        assert len(four.result().json()["data"]) == 4
+        assert len(ten.result().json()["data"]) == 10
         # room again: the same request now succeeds
         assert sdk(base).images.generate(prompt="one more", size="256x256").data
     assert not any("one more" in p for call in device.calls[:2] for p in call)

@@ -1,0 +1,98 @@
+"""The README's commands, run as a newcomer runs them (the venv already made by `make test`)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SPILLWAY = str(Path(sys.executable).with_name("spillway"))
+pytestmark = pytest.mark.e2e
+
+
+def _env(weights: Path) -> dict[str, str]:
+    return {**os.environ, "SPILLWAY_WEIGHTS_DIR": str(weights), "PYTHONUNBUFFERED": "1"}
+
+
+def test_make_run_serves_the_openai_sdk(tmp_path: Path) -> None:
+    """`make run PORT=...` on a machine with no weights: builds the tiny model, serves it."""
+    port = free_port()
+    weights = tmp_path / "weights"
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(["make", "--no-print-directory", "run", f"PORT={port}"], cwd=ROOT,
+                            env=_env(weights), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in time"
+            time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        r = client.images.generate(model="sdxl-turbo", prompt="a red bicycle", size="512x512",
+                                   n=4, response_format="b64_json")
+        assert len(r.data) == 4
+        for d in r.data:
+            image = Image.open(io.BytesIO(base64.b64decode(d.b64_json or "")))
+            assert (image.format, image.size) == ("PNG", (512, 512))
+        assert (weights / "sdxl-turbo-tiny" / "model_index.json").is_file()
+        text = (tmp_path / "server.log").read_text()
+        assert "serving sdxl-turbo" in text and "tiny" in text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+def test_generate_in_process(tiny_weights: Path, tmp_path: Path) -> None:
+    def run(seed: int, name: str) -> bytes:
+        out = tmp_path / name
+        done = subprocess.run([SPILLWAY, "generate", "a red bicycle", "-o", str(out),
+                               "--seed", str(seed)], env=_env(tiny_weights), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert f"seed {seed}" in done.stdout
+        return out.read_bytes()
+
+    a, b, c = run(7, "bike.png"), run(7, "again.png"), run(8, "other.png")
+    assert Image.open(io.BytesIO(a)).size == (512, 512)
+    assert a == b
+    assert a != c
+
+
+def test_weights_commands(tmp_path: Path) -> None:
+    env = _env(tmp_path / "w")
+
+    def spillway(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([SPILLWAY, *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    assert "no weights" in spillway("weights", "list").stdout
+    assert "built tiny" in spillway("weights", "ensure").stdout
+    assert "using tiny" in spillway("weights", "ensure").stdout
+    assert "sdxl-turbo-tiny" in spillway("weights", "list").stdout
+    failed = spillway("weights", "fetch", "sdxl-turbo", "--endpoint",
+                      f"http://127.0.0.1:{free_port()}")
+    assert failed.returncode == 1
+    lines = [ln for ln in failed.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: could not download"), failed.stderr
+    bad = spillway("generate", "x", "-o", str(tmp_path / "x.gif"))
+    assert bad.returncode == 1 and "format" in bad.stderr

@@ -1,0 +1,54 @@
+"""Wire-request checks and the url image store (pure, no HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import ImageSettings
+from server.errors import APIError
+from server.image_store import ImageStore
+from server.protocol import ImageGenerationRequest, parse_size, seeds_for, to_image_job
+
+
+def test_parse_size() -> None:
+    limits = ImageSettings()
+    assert parse_size("auto", limits) == (512, 512)
+    assert parse_size(None, limits) == (512, 512)
+    assert parse_size("1024x1024", limits) == (1024, 1024)
+    assert parse_size("768X512", limits) == (768, 512)
+    for bad in ("abc", "8192x8192", "512x500", "128x128", "512", "x512", "-512x512", "1e3x512"):
+        with pytest.raises(APIError) as exc:
+            parse_size(bad, limits)
+        assert exc.value.status == 400 and exc.value.param == "size"
+
+
+def test_seeds() -> None:
+    assert seeds_for(7, 3) == [7, 8, 9]
+    assert seeds_for(2**63 - 1, 2) == [2**63 - 1, 0]
+    drawn = seeds_for(None, 4)
+    assert len(set(drawn)) == 4
+
+
+def test_quality_maps_to_steps_and_extension_wins() -> None:
+    limits = ImageSettings()
+    job = to_image_job(ImageGenerationRequest(prompt="x", quality="high"), "sdxl-turbo", limits)
+    assert job.steps == 4 and job.response_format == "b64_json"
+    job = to_image_job(ImageGenerationRequest(prompt="x", quality="low", steps=3), "m", limits)
+    assert job.steps == 3
+    job = to_image_job(ImageGenerationRequest(prompt="x", n=3, seed=1), "m", limits)
+    assert [i.seed for i in job.items()] == [1, 2, 3]
+    with pytest.raises(APIError):
+        to_image_job(ImageGenerationRequest(prompt="x", stream=True), "m", limits)
+
+
+def test_image_store_expires_and_caps_bytes() -> None:
+    now = [1000.0]
+    store = ImageStore(ttl_s=60, max_bytes=10, clock=lambda: now[0])
+    a, _ = store.put(b"12345", "image/png")
+    b, _ = store.put(b"67890", "image/png")
+    got = store.get(a)
+    assert got is not None and got.data == b"12345"
+    c, _ = store.put(b"abc", "image/png")  # over 10 bytes: the oldest goes
+    assert store.get(a) is None and store.get(b) is not None and store.get(c) is not None
+    now[0] += 61
+    assert store.get(b) is None and store.get(c) is None

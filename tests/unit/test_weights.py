@@ -1,0 +1,74 @@
+"""Weights: the full-size random build is the real SDXL architecture; fetch fails clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from pipelines.registry import FOLDERS, FetchError, best_weights, ensure_default, fetch
+from pipelines.sdxl_random import (
+    TEXT_ENCODER_CONFIGS,
+    UNET_CONFIGS,
+    VAE_CONFIGS,
+    _text_config,
+    build_tokenizer,
+)
+from tests.conftest import free_port
+
+
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_full_build_has_sdxl_parameter_counts() -> None:
+    """Built on the meta device (no memory): the counts of stabilityai/sdxl-turbo's parts."""
+    tok = build_tokenizer()
+    te1, te2 = TEXT_ENCODER_CONFIGS["full"]
+    with torch.device("meta"):
+        assert params(UNet2DConditionModel(**UNET_CONFIGS["full"])) == 2_567_463_684
+        assert params(AutoencoderKL(**VAE_CONFIGS["full"])) == 83_653_863
+        assert params(CLIPTextModel(_text_config(tok, te1))) == 123_060_480
+        assert params(CLIPTextModelWithProjection(_text_config(tok, te2))) == 694_659_840
+
+
+def test_tokenizer_is_byte_level_with_clip_specials() -> None:
+    tok = build_tokenizer()
+    ids = tok("a red bicycle")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(tok) == 514 and tok.model_max_length == 77
+    assert len(tok("é" * 500, truncation=True)["input_ids"]) == 77
+
+
+def test_fetch_without_a_hub_fails_in_one_sentence(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(FetchError) as exc:
+        fetch("sdxl-turbo", tmp_path, endpoint=closed)
+    message = str(exc.value)
+    assert message.startswith("could not download stabilityai/sdxl-turbo")
+    assert "\n" not in message and str(tmp_path / FOLDERS["hub"]) in message
+    assert best_weights(tmp_path) is None  # nothing half-downloaded is served
+    with pytest.raises(FetchError, match="unknown model"):
+        fetch("sdxl-lightning", tmp_path)
+
+
+def test_ensure_default_builds_tiny_once(tmp_path: Path) -> None:
+    first = ensure_default(tmp_path)
+    assert first.source == "tiny"
+    stamp = (first.path / "model_index.json").stat().st_mtime_ns
+    again = ensure_default(tmp_path)
+    assert again.path == first.path
+    assert (again.path / "model_index.json").stat().st_mtime_ns == stamp
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_real_weights_are_preferred_over_tiny(tmp_path: Path, tiny_weights: Path) -> None:
+    import shutil
+
+    shutil.copytree(tiny_weights / FOLDERS["tiny"], tmp_path / FOLDERS["tiny"])
+    shutil.copytree(tiny_weights / FOLDERS["tiny"], tmp_path / FOLDERS["hub"])
+    found = best_weights(tmp_path)
+    assert found is not None and found.source == "hub" and found.path.name == "sdxl-turbo"
