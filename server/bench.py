@@ -8,10 +8,12 @@ and prints both side by side. ``sweep`` times the pipeline alone per batch size.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import socket
 import statistics
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,11 @@ async def _load(port: int, clients: int, requests: int, body: dict[str, object]
         return time.perf_counter() - t0, latencies
 
 
+def _load_in_process(port: int, clients: int, requests: int, body: dict[str, object]
+                     ) -> tuple[float, list[float]]:
+    return asyncio.run(_load(port, clients, requests, body))
+
+
 def _run_mode(mode: str, settings: Settings, local: LocalImages, clients: int, requests: int,
               body: dict[str, object]) -> Result:
     port = _free_port()
@@ -92,7 +99,11 @@ def _run_mode(mode: str, settings: Settings, local: LocalImages, clients: int, r
         while not server.started:
             time.sleep(0.02)
         before = local.batcher.snapshot()
-        wall, latencies = asyncio.run(_load(port, clients, requests, body))
+        # The clients run in their own process, as real clients do: they do not take the
+        # server's interpreter lock.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            wall, latencies = pool.submit(_load_in_process, port, clients, requests,
+                                          body).result()
         after = local.batcher.snapshot()
     finally:
         server.should_exit = True

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     sdxl_weights: Path | None = Field(None, description="serve this folder instead of the best found")
     device: str = "auto"
     xformers: bool = False
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads when running on the CPU; default: all cores "
+        "but one, which is left to the HTTP side")
     max_body_mb: float = Field(25.0, gt=0)
     public_url: str | None = Field(None, description="base for `url` responses; default: the request's")
     log_level: str = "info"
