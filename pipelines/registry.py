@@ -60,7 +60,17 @@ def _read(folder: Path, source: Source) -> WeightsInfo | None:
     meta: dict[str, str] = {}
     if (folder / MARKER).is_file():
         meta = json.loads((folder / MARKER).read_text())
-    return WeightsInfo(MODEL_ID, source, folder, meta.get("variant"))
+    found = meta.get("source")
+    return WeightsInfo(MODEL_ID, found if found in FOLDERS else source,
+                       folder, meta.get("variant"))
+
+
+def describe(folder: Path) -> WeightsInfo:
+    """A folder named in settings: its marker says what it is; unmarked means real weights."""
+    info = _read(folder, "hub")
+    if info is None:
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline (no model_index.json)")
+    return info
 
 
 def list_weights(weights_dir: Path) -> list[WeightsInfo]:

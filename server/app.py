@@ -12,7 +12,7 @@ import torch
 from fastapi import FastAPI
 
 from pipelines.base import pick_device
-from pipelines.registry import MODEL_ID, WeightsInfo, best_weights
+from pipelines.registry import MODEL_ID, WeightsInfo, best_weights, describe
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
 from server import errors
 from server.batcher import BatchPolicy
@@ -36,7 +36,7 @@ def batch_policy(settings: Settings) -> BatchPolicy:
 
 def resolve_weights(settings: Settings) -> WeightsInfo:
     if settings.sdxl_weights is not None:
-        return WeightsInfo(MODEL_ID, "hub", settings.sdxl_weights)
+        return describe(settings.sdxl_weights)
     found = best_weights(settings.weights_dir)
     if found is None:
         raise FileNotFoundError(
@@ -81,6 +81,9 @@ def create_app(settings: Settings, loader: Loader = load_local_images) -> FastAP
         state.images = local
         log.info("serving %s from %s [%s] (%s)", local.model_id, local.weights.path,
                  local.weights.label, local.description)
+        if local.weights.source != "hub":
+            log.warning("%s has random weights: its pictures are noise. For real pictures: "
+                        "spillway weights fetch sdxl-turbo", local.model_id)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

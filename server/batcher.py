@@ -104,7 +104,9 @@ def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy) -
             break
         take.append(i)
         pixels += p.item.pixels
-    full = full or len(take) >= policy.max_batch or pixels + oldest.item.pixels > policy.max_batch_pixels
+    # With nothing more of this shape waiting, a batch that could not take one more is full.
+    full = (full or len(take) >= policy.max_batch
+            or pixels + oldest.item.pixels > policy.max_batch_pixels)
     waited = now - oldest.enqueued
     if full or waited >= policy.max_wait_s:
         return Decision(take=tuple(take))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -169,9 +168,5 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
         bench_mod.compare(settings, clients=clients, requests=requests, size=size, steps=steps)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m server.cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m server.cli`
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -15,8 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class BatchSettings(BaseModel):
     max_batch: int = Field(32, ge=1, description="most items in one pipeline call")
-    max_batch_pixels: int = Field(16 * 512 * 512, ge=64 * 64,
-                                  description="pixel budget per batch: more small images than large")
+    max_batch_pixels: int = Field(
+        16 * 512 * 512, ge=64 * 64,
+        description="pixel budget per batch: more small images than large")
     max_wait_ms: float = Field(10.0, ge=0, description="how long the first item waits for company")
     # at least one full request (n <= 10), or some requests could never be admitted
     max_queue: int = Field(256, ge=10, description="items waiting, beyond which requests get 429")
@@ -45,14 +46,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     weights_dir: Path = Path("weights")
-    sdxl_weights: Path | None = Field(None, description="serve this folder instead of the best found")
+    sdxl_weights: Path | None = Field(
+        None, description="serve this folder instead of the best found")
     device: str = "auto"
     xformers: bool = False
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads when running on the CPU; default: all cores "
         "but one, which is left to the HTTP side")
     max_body_mb: float = Field(25.0, gt=0)
-    public_url: str | None = Field(None, description="base for `url` responses; default: the request's")
+    public_url: str | None = Field(
+        None, description="base for `url` responses; default: the request's")
     log_level: str = "info"
     batch: BatchSettings = BatchSettings()
     images: ImageSettings = ImageSettings()

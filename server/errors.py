@@ -32,7 +32,8 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+def bad_request(message: str, param: str | None = None,
+                code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 

@@ -70,5 +70,15 @@ def test_real_weights_are_preferred_over_tiny(tmp_path: Path, tiny_weights: Path
 
     shutil.copytree(tiny_weights / FOLDERS["tiny"], tmp_path / FOLDERS["tiny"])
     shutil.copytree(tiny_weights / FOLDERS["tiny"], tmp_path / FOLDERS["hub"])
+    (tmp_path / FOLDERS["hub"] / "spillway.json").unlink()  # as a hand-copied folder
     found = best_weights(tmp_path)
     assert found is not None and found.source == "hub" and found.path.name == "sdxl-turbo"
+
+
+def test_a_folder_named_in_settings_is_described_by_its_marker(tiny_weights: Path,
+                                                               tmp_path: Path) -> None:
+    from pipelines.registry import describe
+
+    assert describe(tiny_weights / FOLDERS["tiny"]).source == "tiny"
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        describe(tmp_path)
