@@ -18,9 +18,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from pipelines.sdxl_random import Size
 
 MODEL_ID = "sdxl-turbo"
 HUB_REPO = "stabilityai/sdxl-turbo"
@@ -112,13 +115,15 @@ def ensure_default(weights_dir: Path) -> WeightsInfo:
     return best_weights(weights_dir) or build_tiny(weights_dir)
 
 
-def build_random_full(weights_dir: Path, device: str = "auto") -> WeightsInfo:
-    """The real SDXL-Turbo architecture with random weights, saved as fp16."""
+def build_random_full(weights_dir: Path, device: str = "auto",
+                      size: Size = "full") -> WeightsInfo:
+    """The real SDXL-Turbo architecture with random weights, saved as the fp16 variant
+    (``size="tiny"`` takes the same path with the tiny configs, for tests)."""
     from pipelines.base import pick_device
     from pipelines.sdxl_random import build_sdxl
 
     dev = pick_device(device)
-    pipe = build_sdxl("full", dtype=torch.float16, device=dev)
+    pipe = build_sdxl(size, dtype=torch.float16, device=dev)
     return _save(pipe, weights_dir / FOLDERS["random-full"], "random-full", variant="fp16")
 
 

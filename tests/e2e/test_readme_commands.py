@@ -96,3 +96,17 @@ def test_weights_commands(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: could not download"), failed.stderr
     bad = spillway("generate", "x", "-o", str(tmp_path / "x.gif"))
     assert bad.returncode == 1 and "format" in bad.stderr
+
+
+def test_bench_prints_both_modes_and_the_sweep(tiny_weights: Path) -> None:
+    env = _env(tiny_weights)
+    done = subprocess.run([SPILLWAY, "bench", "--requests", "12", "--clients", "4"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batched" in done.stdout and "one-at-a-time" in done.stdout
+    assert "batched / one-at-a-time:" in done.stdout
+    done = subprocess.run([SPILLWAY, "bench", "--sweep", "1,2", "--size", "64x64"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [ln.split() for ln in done.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(r[2]) > 0 for r in rows)

@@ -82,3 +82,20 @@ def test_a_folder_named_in_settings_is_described_by_its_marker(tiny_weights: Pat
     assert describe(tiny_weights / FOLDERS["tiny"]).source == "tiny"
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         describe(tmp_path)
+
+
+def test_random_full_path_saves_an_fp16_variant_that_loads(tmp_path: Path) -> None:
+    """The path `spillway weights random-full` takes, with the tiny configs."""
+    from pipelines.base import ImageItem
+    from pipelines.registry import build_random_full
+    from pipelines.sdxl_turbo import Limits, SDXLTurbo
+
+    info = build_random_full(tmp_path, device="cpu", size="tiny")
+    assert info.source == "random-full" and info.variant == "fp16"
+    assert (info.path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    found = best_weights(tmp_path)
+    assert found is not None and found.variant == "fp16"
+    engine = SDXLTurbo.load(found.path, torch.device("cpu"), variant=found.variant,
+                            limits=Limits(min_side=64))
+    assert engine.pipe.unet.dtype == torch.float32  # fp32 on the CPU, whatever was saved
+    assert engine.text2img([ImageItem("x", 1, 64, 64, 1)])[0].size == (64, 64)
