@@ -23,6 +23,7 @@ run: install
 	$(BIN)/spillway serve --host $(HOST) --port $(PORT)
 
 test: install
+	$(BIN)/ruff check server pipelines scripts tests
 	$(BIN)/python -m pytest -q
 
 lint: install
