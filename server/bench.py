@@ -63,7 +63,7 @@ async def _load(port: int, clients: int, requests: int, body: dict[str, object]
     import httpx
 
     latencies: list[float] = []
-    todo = iter(range(requests))
+    todo = iter(range(2 * clients))  # warm-up: connections opened, shapes measured
 
     async def client(http: httpx.AsyncClient) -> None:
         for _ in todo:
@@ -75,7 +75,7 @@ async def _load(port: int, clients: int, requests: int, body: dict[str, object]
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
                                  limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(min(clients, 4))))  # warm up
+        await asyncio.gather(*(client(http) for _ in range(clients)))
         latencies.clear()
         todo = iter(range(requests))
         t0 = time.perf_counter()
