@@ -39,6 +39,19 @@ class ImageSettings(BaseModel):
         return self
 
 
+class MediaSettings(BaseModel):
+    """Image intake limits, shared by every endpoint that accepts images."""
+
+    max_bytes: int = Field(20 * 2**20, ge=1024, description="largest image, encoded")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest image, decoded (w*h)")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="whole fetch, redirects included")
+    max_redirects: int = Field(3, ge=0)
+    max_images_per_request: int = Field(8, ge=1)
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs that image URLs may reach although private/loopback, e.g. 10.0.0.0/8")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPILLWAY_", env_nested_delimiter="__",
                                       extra="ignore")
@@ -59,6 +72,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     batch: BatchSettings = BatchSettings()
     images: ImageSettings = ImageSettings()
+    media: MediaSettings = MediaSettings()
 
 
 @lru_cache(maxsize=1)
