@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -17,11 +18,18 @@ class ImageItem:
     height: int
     steps: int
     guidance: float = 0.0
+    # image-to-image: the source picture (already width x height) and how far to move from it
+    init_image: Image.Image | None = field(default=None, compare=False, repr=False)
+    strength: float = 0.0
 
     @property
-    def shape_key(self) -> tuple[str, int, int, int, float]:
+    def kind(self) -> str:
+        return "text2img" if self.init_image is None else "img2img"
+
+    @property
+    def shape_key(self) -> tuple[str, int, int, int, float, float]:
         """Items with equal keys can share one pipeline call."""
-        return ("text2img", self.width, self.height, self.steps, self.guidance)
+        return (self.kind, self.width, self.height, self.steps, self.guidance, self.strength)
 
     @property
     def pixels(self) -> int:

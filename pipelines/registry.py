@@ -1,14 +1,16 @@
 """Which weights exist on disk, and how to make or fetch them.
 
-Layout under the weights folder (one diffusers folder each, a ``spillway.json`` marker
-saying where it came from):
+Each model has up to three folders under the weights folder (a diffusers or transformers
+folder each, with a ``spillway.json`` marker saying where it came from), served in this
+order of preference:
 
-    sdxl-turbo/          real weights from the Hugging Face Hub (fp16 variant)
-    sdxl-turbo-random/   the real architecture with random weights (GPU benchmarks)
-    sdxl-turbo-tiny/     the tiny built-in default: same classes, random weights
+    image model              vision-language model
+    sdxl-turbo/              vlm/             real weights from the Hugging Face Hub
+    sdxl-turbo-random/       vlm-random/      real architecture, random weights (benchmarks)
+    sdxl-turbo-tiny/         vlm-tiny/        tiny built-in default: same classes, random
 
-The public model id is ``sdxl-turbo`` whichever folder serves it: client code keeps
-``model="sdxl-turbo"`` when real weights arrive.
+The public model id stays the same whichever folder serves it, so client code keeps its
+``model=`` when real weights arrive.
 """
 
 from __future__ import annotations
@@ -18,27 +20,51 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 if TYPE_CHECKING:
     from pipelines.sdxl_random import Size
 
-MODEL_ID = "sdxl-turbo"
-HUB_REPO = "stabilityai/sdxl-turbo"
 MARKER = "spillway.json"
-
 Source = Literal["hub", "random-full", "tiny"]
-FOLDERS: dict[Source, str] = {
-    "hub": "sdxl-turbo",
-    "random-full": "sdxl-turbo-random",
-    "tiny": "sdxl-turbo-tiny",
-}
 PREFERENCE: tuple[Source, ...] = ("hub", "random-full", "tiny")
-# Only what the fp16 pipeline needs: no pickles, no fp32 duplicates, no ONNX.
-HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.txt", "*/*.json",
-                "*/*.fp16.safetensors"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_id: str  # the public id clients send
+    hub_repo: str
+    folders: dict[Source, str]
+    hub_patterns: tuple[str, ...]  # only what loading needs: no pickles, no duplicates
+    hub_variant: str | None
+    fetch_names: tuple[str, ...]  # what `spillway weights fetch NAME` accepts
+
+
+SDXL = ModelSpec(
+    model_id="sdxl-turbo",
+    hub_repo="stabilityai/sdxl-turbo",
+    folders={"hub": "sdxl-turbo", "random-full": "sdxl-turbo-random", "tiny": "sdxl-turbo-tiny"},
+    hub_patterns=("model_index.json", "*/config.json", "*/*.txt", "*/*.json",
+                  "*/*.fp16.safetensors"),
+    hub_variant="fp16",
+    fetch_names=("sdxl-turbo",),
+)
+# Qwen3-VL-4B-Instruct: Apache-2.0, strong at OCR, charts, documents and Chinese text, and
+# small enough (4B, ~9 GB in bf16) to share one GPU with SDXL-Turbo. README says more.
+VLM = ModelSpec(
+    model_id="local-vlm",
+    hub_repo="Qwen/Qwen3-VL-4B-Instruct",
+    folders={"hub": "vlm", "random-full": "vlm-random", "tiny": "vlm-tiny"},
+    hub_patterns=("*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"),
+    hub_variant=None,
+    fetch_names=("qwen3-vl-4b", "qwen3-vl-4b-instruct", "local-vlm", "vlm"),
+)
+SPECS = (SDXL, VLM)
+MODEL_ID = SDXL.model_id
+HUB_REPO = SDXL.hub_repo
+FOLDERS = SDXL.folders
 
 
 class FetchError(RuntimeError):
@@ -51,68 +77,85 @@ class WeightsInfo:
     source: Source
     path: Path
     variant: str | None = None
+    hub_repo: str = HUB_REPO
 
     @property
     def label(self) -> str:
-        return HUB_REPO if self.source == "hub" else f"{self.source} (random weights)"
+        return self.hub_repo if self.source == "hub" else f"{self.source} (random weights)"
 
 
-def _read(folder: Path, source: Source) -> WeightsInfo | None:
-    if not (folder / "model_index.json").is_file():
+def _has_model(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() or (folder / "config.json").is_file()
+
+
+def _read(folder: Path, source: Source, spec: ModelSpec) -> WeightsInfo | None:
+    if not _has_model(folder):
         return None
     meta: dict[str, str] = {}
     if (folder / MARKER).is_file():
         meta = json.loads((folder / MARKER).read_text())
     found = meta.get("source")
-    return WeightsInfo(MODEL_ID, found if found in FOLDERS else source,
-                       folder, meta.get("variant"))
+    return WeightsInfo(spec.model_id, found if found in PREFERENCE else source,
+                       folder, meta.get("variant"), spec.hub_repo)
 
 
-def describe(folder: Path) -> WeightsInfo:
+def describe(folder: Path, spec: ModelSpec = SDXL) -> WeightsInfo:
     """A folder named in settings: its marker says what it is; unmarked means real weights."""
-    info = _read(folder, "hub")
+    info = _read(folder, "hub", spec)
     if info is None:
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline (no model_index.json)")
+        raise FileNotFoundError(f"{folder} holds no model (no model_index.json or config.json)")
     return info
 
 
-def list_weights(weights_dir: Path) -> list[WeightsInfo]:
-    """Every weights folder present, best first."""
-    found = (_read(weights_dir / FOLDERS[src], src) for src in PREFERENCE)
+def list_weights(weights_dir: Path, spec: ModelSpec = SDXL) -> list[WeightsInfo]:
+    """Every weights folder of this model present, best first."""
+    found = (_read(weights_dir / spec.folders[src], src, spec) for src in PREFERENCE)
     return [info for info in found if info is not None]
 
 
-def best_weights(weights_dir: Path) -> WeightsInfo | None:
-    present = list_weights(weights_dir)
+def best_weights(weights_dir: Path, spec: ModelSpec = SDXL) -> WeightsInfo | None:
+    present = list_weights(weights_dir, spec)
     return present[0] if present else None
 
 
-def _save(pipe: object, target: Path, source: Source, variant: str | None = None) -> WeightsInfo:
-    """Write to a sibling temp folder, then rename: a crash never leaves half a model."""
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True, variant=variant)  # type: ignore[attr-defined]
-    _mark(tmp, source, variant)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return WeightsInfo(MODEL_ID, source, target, variant)
-
-
-def _mark(folder: Path, source: Source, variant: str | None) -> None:
-    meta = {"model": MODEL_ID, "source": source, "variant": variant,
+def _mark(folder: Path, spec: ModelSpec, source: Source, variant: str | None) -> None:
+    meta = {"model": spec.model_id, "source": source, "variant": variant,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _save(parts: list[Any], weights_dir: Path, spec: ModelSpec, source: Source,
+          variant: str | None = None) -> WeightsInfo:
+    """Write to a sibling temp folder, then rename: a crash never leaves half a model."""
+    target = weights_dir / spec.folders[source]
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:  # a pipeline, or a model and its processor (safetensors by default)
+        part.save_pretrained(str(tmp), **({"variant": variant} if variant else {}))
+    _mark(tmp, spec, source, variant)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return WeightsInfo(spec.model_id, source, target, variant, spec.hub_repo)
 
 
 def build_tiny(weights_dir: Path) -> WeightsInfo:
     from pipelines.sdxl_random import build_sdxl
 
-    return _save(build_sdxl("tiny"), weights_dir / FOLDERS["tiny"], "tiny")
+    return _save([build_sdxl("tiny")], weights_dir, SDXL, "tiny")
 
 
-def ensure_default(weights_dir: Path) -> WeightsInfo:
-    """The best weights present, building the tiny model when there are none."""
-    return best_weights(weights_dir) or build_tiny(weights_dir)
+def build_tiny_vlm(weights_dir: Path) -> WeightsInfo:
+    from pipelines.vlm_random import build_tiny_vlm as build
+
+    model, processor = build()
+    return _save([model, processor], weights_dir, VLM, "tiny")
+
+
+def ensure_default(weights_dir: Path) -> list[WeightsInfo]:
+    """The best weights present for each model, building the tiny one where there are none."""
+    builders = {SDXL.model_id: build_tiny, VLM.model_id: build_tiny_vlm}
+    return [best_weights(weights_dir, spec) or builders[spec.model_id](weights_dir)
+            for spec in SPECS]
 
 
 def build_random_full(weights_dir: Path, device: str = "auto",
@@ -122,29 +165,35 @@ def build_random_full(weights_dir: Path, device: str = "auto",
     from pipelines.base import pick_device
     from pipelines.sdxl_random import build_sdxl
 
-    dev = pick_device(device)
-    pipe = build_sdxl(size, dtype=torch.float16, device=dev)
-    return _save(pipe, weights_dir / FOLDERS["random-full"], "random-full", variant="fp16")
+    pipe = build_sdxl(size, dtype=torch.float16, device=pick_device(device))
+    return _save([pipe], weights_dir, SDXL, "random-full", variant="fp16")
 
 
-def fetch(model_id: str, weights_dir: Path, endpoint: str | None = None) -> WeightsInfo:
+def spec_for(name: str) -> ModelSpec:
+    for spec in SPECS:
+        if name.lower() in spec.fetch_names:
+            return spec
+    known = ", ".join(n for spec in SPECS for n in spec.fetch_names[:1])
+    raise FetchError(f"unknown model {name!r}: fetchable models are {known}")
+
+
+def fetch(name: str, weights_dir: Path, endpoint: str | None = None) -> WeightsInfo:
     """Download the real weights with huggingface_hub (needs a network)."""
-    if model_id != MODEL_ID:
-        raise FetchError(f"unknown model {model_id!r}: the only fetchable model is {MODEL_ID!r}")
+    spec = spec_for(name)
     from huggingface_hub import snapshot_download
 
-    target = weights_dir / FOLDERS["hub"]
-    tmp = target.with_name(target.name + ".partial")
+    target = weights_dir / spec.folders["hub"]
+    tmp = target.with_name(target.name + ".partial")  # kept on failure: the next try resumes
     try:
-        snapshot_download(repo_id=HUB_REPO, local_dir=str(tmp), allow_patterns=HUB_PATTERNS,
-                          endpoint=endpoint)
+        snapshot_download(repo_id=spec.hub_repo, local_dir=str(tmp),
+                          allow_patterns=list(spec.hub_patterns), endpoint=endpoint)
     except Exception as exc:  # any failure ends in the same one-sentence answer
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FetchError(
-            f"could not download {HUB_REPO} from the Hugging Face Hub ({reason}); "
-            f"on a machine without hub access, copy a diffusers SDXL-Turbo folder "
-            f"into {target} instead") from exc
-    _mark(tmp, "hub", "fp16")
+            f"could not download {spec.hub_repo} from the Hugging Face Hub ({reason}); "
+            f"on a machine without hub access, copy the model folder into {target} "
+            "instead") from exc
+    _mark(tmp, spec, "hub", spec.hub_variant)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return WeightsInfo(MODEL_ID, "hub", target, "fp16")
+    return WeightsInfo(spec.model_id, "hub", target, spec.hub_variant, spec.hub_repo)

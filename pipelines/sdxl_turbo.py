@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForText2Image,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from pipelines.base import ImageItem, pick_dtype
@@ -38,6 +42,15 @@ def check_item(item: ImageItem, limits: Limits) -> None:
         raise ValueError(f"steps {item.steps} is outside {MIN_STEPS}..{MAX_STEPS}")
     if item.guidance != 0.0:
         raise ValueError(f"guidance {item.guidance} is not supported: SDXL-Turbo runs at 0")
+    if item.init_image is not None:
+        if not 0.0 < item.strength <= 1.0:
+            raise ValueError(f"strength {item.strength} is outside (0, 1]")
+        if item.steps * item.strength < 1.0:
+            raise ValueError(f"steps x strength = {item.steps} x {item.strength} is below 1: "
+                             "no denoising step would run")
+        if item.init_image.size != (item.width, item.height):
+            raise ValueError(f"source image is {item.init_image.size}, "
+                             f"not {(item.width, item.height)}")
 
 
 class SDXLTurbo:
@@ -51,6 +64,9 @@ class SDXLTurbo:
     def __init__(self, pipe: StableDiffusionXLPipeline, device: torch.device,
                  limits: Limits = Limits()) -> None:
         self.pipe = pipe
+        # Same modules, no copy: image-to-image shares the text-to-image weights.
+        self.img2img_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+        self.img2img_pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.limits = limits
         self.attention = "sdpa"
@@ -81,20 +97,37 @@ class SDXLTurbo:
             return
         self.attention = "xformers"
 
-    @torch.inference_mode()
+    def run(self, items: list[ImageItem]) -> list[Image.Image]:
+        """One batch of one kind, as the batcher forms them."""
+        if items and items[0].kind == "img2img":
+            return self.img2img(items)
+        return self.text2img(items)
+
     def text2img(self, items: list[ImageItem]) -> list[Image.Image]:
+        return self._call(self.pipe, items, {})
+
+    def img2img(self, items: list[ImageItem]) -> list[Image.Image]:
+        if any(item.init_image is None for item in items):
+            raise ValueError("img2img needs a source image for every item")
+        strength = items[0].strength if items else 0.0
+        return self._call(self.img2img_pipe, items,
+                          {"image": [item.init_image for item in items], "strength": strength})
+
+    @torch.inference_mode()
+    def _call(self, pipe: StableDiffusionXLPipeline, items: list[ImageItem],
+              extra: dict[str, object]) -> list[Image.Image]:
         if not items:
             return []
         # 1. One shape per call: the batcher only groups compatible items.
         first = items[0]
         if any(item.shape_key != first.shape_key for item in items):
-            raise ValueError("text2img batch mixes sizes, steps or guidance")
+            raise ValueError(f"{first.kind} batch mixes sizes, steps, guidance or strength")
         for item in items:
             check_item(item, self.limits)
         # 2. One generator per item, on the device that draws the noise.
         generators = [torch.Generator(self.device).manual_seed(item.seed) for item in items]
         # 3. One batched call.
-        out = self.pipe(
+        out = pipe(
             prompt=[item.prompt for item in items],
             width=first.width,
             height=first.height,
@@ -102,6 +135,7 @@ class SDXLTurbo:
             guidance_scale=first.guidance,
             generator=generators,
             output_type="pil",
+            **extra,
         )
         images: list[Image.Image] = list(out.images)
         # 4. Outputs match inputs one to one, or the whole batch fails.

@@ -12,20 +12,23 @@ import torch
 from fastapi import FastAPI
 
 from pipelines.base import pick_device
-from pipelines.registry import MODEL_ID, WeightsInfo, best_weights, describe
+from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
+from pipelines.vlm import VisionLanguageModel
 from server import errors
 from server.batcher import BatchPolicy
 from server.config import Settings
 from server.image_store import ImageStore
 from server.middleware import RequestContext
 from server.providers.local import LocalImages
-from server.routes import images, ops
+from server.providers.local_chat import LocalChat
+from server.routes import chat, images, ops
 from server.state import AppState
 
 log = logging.getLogger("spillway")
 
 Loader = Callable[[Settings], LocalImages]
+ChatLoader = Callable[[Settings], LocalChat]
 
 
 def batch_policy(settings: Settings) -> BatchPolicy:
@@ -62,44 +65,75 @@ def load_local_images(settings: Settings) -> LocalImages:
     engine, weights = load_engine(settings)
     description = f"{engine.device.type}, {str(engine.pipe.dtype).removeprefix('torch.')}, " \
                   f"{engine.attention}"
-    return LocalImages(MODEL_ID, weights, engine.text2img, batch_policy(settings),
+    return LocalImages(MODEL_ID, weights, engine.run, batch_policy(settings),
                        settings.batch.default_timeout_s, description)
 
 
-def create_app(settings: Settings, loader: Loader = load_local_images) -> FastAPI:
-    state = AppState(settings, ImageStore(settings.images.url_ttl_s,
-                                          settings.images.url_store_mb * 2**20))
+def load_vlm(settings: Settings) -> tuple[VisionLanguageModel, WeightsInfo]:
+    weights = best_weights(settings.weights_dir, VLM)
+    if weights is None:
+        raise FileNotFoundError(
+            f"no vision-language weights under {settings.weights_dir.resolve()}: run "
+            "`spillway weights tiny` (built-in default) or `spillway weights fetch qwen3-vl-4b`")
+    return VisionLanguageModel.load(weights.path, pick_device(settings.device)), weights
 
-    async def load() -> None:
+
+def load_local_chat(settings: Settings) -> LocalChat:
+    model, weights = load_vlm(settings)
+    v = settings.vlm
+    policy = BatchPolicy(max_batch=v.max_batch, max_batch_pixels=2**62,
+                         max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
+    description = f"{model.device.type}, {str(model.model.dtype).removeprefix('torch.')}"
+    return LocalChat(VLM.model_id, weights, model.generate,
+                     lambda item: model.count_prompt_tokens(item.messages, item.images),
+                     model.context_length, policy, v.timeout_s, description)
+
+
+def create_app(settings: Settings, loader: Loader = load_local_images,
+               chat_loader: ChatLoader | None = load_local_chat) -> FastAPI:
+    """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``)."""
+    state = AppState(settings, ImageStore(settings.images.url_ttl_s,
+                                          settings.images.url_store_mb * 2**20),
+                     chat_enabled=settings.vlm.enabled and chat_loader is not None)
+
+    async def load(what: str, build: Callable[[Settings], LocalImages | LocalChat]) -> None:
         try:
-            local = await asyncio.to_thread(loader, settings)
+            local = await asyncio.to_thread(build, settings)
         except Exception as exc:
             state.load_error = str(exc)
-            log.exception("model load failed: %s", exc)
+            log.exception("%s load failed: %s", what, exc)
             return
         local.start()
-        state.images = local
+        if isinstance(local, LocalImages):
+            state.images = local
+        else:
+            state.chat = local
         log.info("serving %s from %s [%s] (%s)", local.model_id, local.weights.path,
                  local.weights.label, local.description)
         if local.weights.source != "hub":
-            log.warning("%s has random weights: its pictures are noise. For real pictures: "
-                        "spillway weights fetch sdxl-turbo", local.model_id)
+            log.warning("%s has random weights: its output is noise. For real output: "
+                        "spillway weights fetch %s", local.model_id, what)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers at once, /readyz says 503 until done.
-        state.loader = asyncio.create_task(load())
+        state.loaders.append(asyncio.create_task(load("sdxl-turbo", loader)))
+        if state.chat_enabled and chat_loader is not None:
+            state.loaders.append(asyncio.create_task(load("qwen3-vl-4b", chat_loader)))
         try:
             yield
         finally:
-            state.loader.cancel()
-            if state.images is not None:
-                await asyncio.to_thread(state.images.close)
+            for task in state.loaders:
+                task.cancel()
+            for local in (state.images, state.chat):
+                if local is not None:
+                    await asyncio.to_thread(local.close)
 
     app = FastAPI(title="Spillway", version="0.1.0", lifespan=lifespan)
     app.state.spillway = state
     errors.install(app)
     app.include_router(ops.router)
     app.include_router(images.router)
+    app.include_router(chat.router)
     app.add_middleware(RequestContext, max_body=int(settings.max_body_mb * 2**20))
     return app

@@ -212,9 +212,13 @@ class Batcher(Generic[T, R]):
         seen = self._item_s.get(item.shape_key)
         if seen is not None and seen[0].value is not None:
             return seen[0].value
-        # An unseen shape costs what the cheapest seen one costs per pixel; else the prior.
-        per_pixel = [e.value / px for e, px in self._item_s.values() if e.value is not None]
-        return min(per_pixel) * item.pixels if per_pixel else self._default_item_s
+        # An unseen shape costs what the cheapest seen one costs per pixel, or per item
+        # when pixels say nothing (text-only chat); nothing seen yet: the prior.
+        measured = [(e.value, px) for e, px in self._item_s.values() if e.value is not None]
+        per_pixel = [v / px for v, px in measured if px > 0]
+        if per_pixel and item.pixels > 0:
+            return min(per_pixel) * item.pixels
+        return min(v for v, _ in measured) if measured else self._default_item_s
 
     # -- the device worker -----------------------------------------------------------
     def _next_batch(self) -> list[Pending[T]] | None:

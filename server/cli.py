@@ -86,32 +86,33 @@ def generate(prompt: str,
 
 @weights_app.command("tiny")
 def weights_tiny(weights_dir: WeightsDir = None) -> None:
-    """Build the tiny random-weight SDXL pipeline (the built-in default)."""
-    from pipelines.registry import build_tiny
+    """Build the tiny random-weight models (the built-in default): SDXL and the VLM."""
+    from pipelines.registry import build_tiny, build_tiny_vlm
 
-    info = build_tiny(_settings(weights_dir=weights_dir).weights_dir)
-    typer.echo(f"built {info.label} at {info.path}")
+    root = _settings(weights_dir=weights_dir).weights_dir
+    for info in (build_tiny(root), build_tiny_vlm(root)):
+        typer.echo(f"built {info.model_id} {info.label} at {info.path}")
 
 
 @weights_app.command("ensure")
 def weights_ensure(weights_dir: WeightsDir = None) -> None:
-    """Build the tiny model only if no weights are present."""
-    from pipelines.registry import best_weights, build_tiny
+    """Build a tiny model only where no weights of that model are present."""
+    from pipelines.registry import SPECS, best_weights, ensure_default
 
     root = _settings(weights_dir=weights_dir).weights_dir
-    info = best_weights(root)
-    if info is None:
-        info = build_tiny(root)
-        typer.echo(f"no weights found: built {info.label} at {info.path}")
-    else:
-        typer.echo(f"using {info.label} at {info.path}")
+    before = {spec.model_id: best_weights(root, spec) for spec in SPECS}
+    for info in ensure_default(root):
+        verb = "using" if before[info.model_id] else "no weights found: built"
+        typer.echo(f"{verb} {info.model_id} {info.label} at {info.path}")
 
 
 @weights_app.command("fetch")
 def weights_fetch(model: str, weights_dir: WeightsDir = None,
                   endpoint: Annotated[str | None, typer.Option(
                       help="hub address; default: HF_ENDPOINT or huggingface.co")] = None) -> None:
-    """Download real weights from the Hugging Face Hub (needs a network)."""
+    """Download real weights from the Hugging Face Hub (needs a network).
+
+    MODEL: sdxl-turbo (stabilityai/sdxl-turbo) or qwen3-vl-4b (Qwen/Qwen3-VL-4B-Instruct)."""
     from pipelines.registry import FetchError, fetch
 
     try:
@@ -135,15 +136,15 @@ def weights_random_full(model: str, weights_dir: WeightsDir = None,
 
 @weights_app.command("list")
 def weights_list(weights_dir: WeightsDir = None) -> None:
-    """Show the weights present, the one served first."""
-    from pipelines.registry import list_weights
+    """Show the weights present; * marks the folder each model is served from."""
+    from pipelines.registry import SPECS, list_weights
 
     root = _settings(weights_dir=weights_dir).weights_dir
-    found = list_weights(root)
+    found = [(i, info) for spec in SPECS for i, info in enumerate(list_weights(root, spec))]
     if not found:
-        typer.echo(f"no weights under {root}: `spillway weights tiny` builds the default")
+        typer.echo(f"no weights under {root}: `spillway weights tiny` builds the defaults")
         return
-    for i, info in enumerate(found):
+    for i, info in found:
         mark = "*" if i == 0 else " "
         typer.echo(f"{mark} {info.model_id:12} {info.label:32} {info.path}")
 

@@ -29,6 +29,7 @@ class ImageSettings(BaseModel):
     max_side: int = Field(1024, ge=8)
     default_size: str = "512x512"
     default_steps: int = Field(1, ge=1, le=4)
+    default_strength: float = Field(0.5, gt=0, le=1, description="images/edits")
     url_ttl_s: int = Field(3600, ge=1, description="how long `url` responses stay fetchable")
     url_store_mb: int = Field(512, ge=1, description="memory for `url` images; oldest go first")
 
@@ -52,6 +53,23 @@ class MediaSettings(BaseModel):
         description="CIDRs that image URLs may reach although private/loopback, e.g. 10.0.0.0/8")
 
 
+class VlmSettings(BaseModel):
+    """The local vision-language model behind /v1/chat/completions."""
+
+    enabled: bool = True
+    # Client code written for OpenAI vision sends these names; the local model answers them.
+    aliases: list[str] = Field(default_factory=lambda: ["gpt-4o", "gpt-4o-mini"])
+    default_max_tokens: int = Field(512, ge=1)
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens accepted")
+    max_batch: int = Field(16, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+    max_queue: int = Field(128, ge=1)
+    timeout_s: float = Field(300.0, gt=0)
+    # image_url.detail -> most pixels per image handed to the processor
+    detail_pixels: dict[str, int] = Field(default_factory=lambda: {
+        "low": 448 * 448, "auto": 1024 * 1024, "high": 1792 * 1792})
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPILLWAY_", env_nested_delimiter="__",
                                       extra="ignore")
@@ -73,6 +91,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     images: ImageSettings = ImageSettings()
     media: MediaSettings = MediaSettings()
+    vlm: VlmSettings = VlmSettings()
 
 
 @lru_cache(maxsize=1)

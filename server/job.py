@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from PIL import Image
 
 from pipelines.base import ImageItem
 
@@ -20,11 +22,17 @@ class ImageJob:
     output_format: str = "png"
     output_compression: int | None = None
     user: str | None = None
+    # images/edits: source pictures, already width x height; output i edits source i % len
+    init_images: list[Image.Image] = field(default_factory=list, repr=False)
+    strength: float = 0.0
 
     @property
     def n(self) -> int:
         return len(self.seeds)
 
     def items(self) -> list[ImageItem]:
-        return [ImageItem(self.prompt, seed, self.width, self.height, self.steps)
-                for seed in self.seeds]
+        sources = self.init_images
+        return [ImageItem(self.prompt, seed, self.width, self.height, self.steps,
+                          init_image=sources[i % len(sources)] if sources else None,
+                          strength=self.strength if sources else 0.0)
+                for i, seed in enumerate(self.seeds)]

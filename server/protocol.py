@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.config import ImageSettings
@@ -47,6 +50,40 @@ class ImageGenerationRequest(BaseModel):
         if not v.strip():
             raise ValueError("the prompt is empty")
         return v
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """The scalar fields of images/edits (multipart strings arrive coerced)."""
+
+    strength: float | None = Field(None, ge=0.25, le=1.0)  # extension; 4 steps x 0.25 = 1
+
+
+def edit_size(size: str | None, source: tuple[int, int], limits: ImageSettings
+              ) -> tuple[int, int]:
+    """``auto`` keeps the source's aspect within the bounds, sides rounded to 8."""
+    if size not in (None, "", "auto"):
+        return parse_size(size, limits)
+    w, h = source
+    scale = min(1.0, limits.max_side / max(w, h))
+    scale = max(scale, limits.min_side / min(w, h))
+    return tuple(  # type: ignore[return-value]
+        min(limits.max_side, max(limits.min_side, round(side * scale / 8) * 8)) for side in (w, h))
+
+
+def to_edit_job(req: ImageEditRequest, model: str, limits: ImageSettings,
+                sources: list[Image.Image]) -> ImageJob:
+    """Sources are fitted (cropped to the aspect, then resized) to the output size."""
+    base = to_image_job(req.model_copy(update={"size": "auto"}), model, limits)
+    width, height = edit_size(req.size, sources[0].size, limits)
+    strength = req.strength or limits.default_strength
+    needed = math.ceil(1 / strength - 1e-9)
+    steps = req.steps or max(needed, QUALITY_STEPS.get(base.quality, limits.default_steps))
+    if steps * strength < 1:
+        raise bad_request(f"steps x strength = {steps} x {strength:g} is below 1, so no "
+                          "denoising step would run; raise one of them.", param="strength")
+    fitted = [ImageOps.fit(im, (width, height), Image.Resampling.LANCZOS) for im in sources]
+    return replace(base, width=width, height=height, steps=min(steps, 4), init_images=fitted,
+                   strength=strength)
 
 
 def parse_size(size: str | None, limits: ImageSettings) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from server.config import Settings
 from server.errors import APIError
 from server.image_store import ImageStore
 from server.providers.local import LocalImages
+from server.providers.local_chat import LocalChat
 
 
 @dataclass
@@ -19,16 +20,33 @@ class AppState:
     settings: Settings
     store: ImageStore
     images: LocalImages | None = None
+    chat: LocalChat | None = None
+    chat_enabled: bool = True
     load_error: str | None = None
-    loader: asyncio.Task[None] | None = field(default=None, repr=False)
+    loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.images is not None and (self.chat is not None or not self.chat_enabled)
+
+    def _not_ready(self) -> APIError:
+        message = ("The model is still loading." if self.load_error is None
+                   else "The model failed to load; see the server log.")
+        return APIError(503, message, type="server_error", code="model_not_ready",
+                        headers={"Retry-After": "5"})
 
     def local_images(self) -> LocalImages:
         if self.images is None:
-            message = ("The model is still loading." if self.load_error is None
-                       else "The model failed to load; see the server log.")
-            raise APIError(503, message, type="server_error", code="model_not_ready",
-                           headers={"Retry-After": "5"})
+            raise self._not_ready()
         return self.images
+
+    def local_chat(self) -> LocalChat:
+        if not self.chat_enabled:
+            raise APIError(404, "No vision-language model is enabled on this server.",
+                           param="model", code="model_not_found")
+        if self.chat is None:
+            raise self._not_ready()
+        return self.chat
 
 
 def get_state(request: Request) -> AppState:

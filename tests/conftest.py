@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from pipelines.registry import build_tiny
+from pipelines.registry import build_tiny, build_tiny_vlm
 from server.config import Settings
 
 
@@ -22,6 +22,7 @@ from server.config import Settings
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weights")
     build_tiny(root)
+    build_tiny_vlm(root)
     return root
 
 
@@ -40,7 +41,7 @@ def serve(app: FastAPI, wait_ready: bool = True) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("server did not start")

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from pipelines.registry import MODEL_ID
 from server.state import State
 
 router = APIRouter()
@@ -20,18 +19,19 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    if state.images is None:
+    if not state.ready:
         status = "failed" if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
-    snap = state.images.batcher.snapshot()
-    return JSONResponse({"status": "ready", "models": [MODEL_ID], "queued": snap.queued})
+    models = [m.model_id for m in (state.images, state.chat) if m is not None]
+    return JSONResponse({"status": "ready", "models": models})
 
 
 @router.get("/v1/models")
 async def list_models(state: State) -> dict[str, Any]:
     data = []
-    if state.images is not None:
-        local = state.images
+    for local in (state.images, state.chat):
+        if local is None:
+            continue
         snap = local.batcher.snapshot()
         data.append({
             "id": local.model_id,

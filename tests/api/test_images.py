@@ -102,10 +102,11 @@ def test_headers_say_where_it_ran(base_url: str) -> None:
 
 def test_models_says_which_weights(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [m.id for m in models] == ["sdxl-turbo"]
-    info = models[0].model_extra["spillway"]
-    assert info["source"] == "tiny"
-    assert "random weights" in info["weights"]
+    assert [m.id for m in models] == ["sdxl-turbo", "local-vlm"]
+    for model in models:
+        info = model.model_extra["spillway"]
+        assert info["source"] == "tiny"
+        assert "random weights" in info["weights"]
 
 
 def test_health_and_ready(base_url: str) -> None:

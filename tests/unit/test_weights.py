@@ -57,11 +57,12 @@ def test_fetch_without_a_hub_fails_in_one_sentence(tmp_path: Path) -> None:
 
 def test_ensure_default_builds_tiny_once(tmp_path: Path) -> None:
     first = ensure_default(tmp_path)
-    assert first.source == "tiny"
-    stamp = (first.path / "model_index.json").stat().st_mtime_ns
+    assert [(w.model_id, w.source) for w in first] == [("sdxl-turbo", "tiny"),
+                                                       ("local-vlm", "tiny")]
+    stamps = [(w.path / "spillway.json").stat().st_mtime_ns for w in first]
     again = ensure_default(tmp_path)
-    assert again.path == first.path
-    assert (again.path / "model_index.json").stat().st_mtime_ns == stamp
+    assert [w.path for w in again] == [w.path for w in first]
+    assert [(w.path / "spillway.json").stat().st_mtime_ns for w in again] == stamps
     assert not list(tmp_path.glob("*.partial"))
 
 

@@ -1,0 +1,107 @@
+"""The local vision-language model: its batcher, and streaming from the device thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipelines.registry import WeightsInfo
+from pipelines.vlm import ChatItem, ChatResult
+from server.batcher import Batcher, BatchPolicy, Closed, Expired, QueueFull
+from server.errors import APIError, queue_full
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", type="server_error",
+                    code="shutting_down")
+
+
+def _as_api_error(exc: BaseException, timeout_s: float) -> APIError:
+    if isinstance(exc, Expired):
+        return APIError(503, f"The request waited longer than {timeout_s:g} s in the local "
+                        "queue.", type="server_error", code="queue_timeout",
+                        headers={"Retry-After": "1"})
+    if isinstance(exc, Closed):
+        return _shutting_down()
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return APIError(500, f"The local vision model failed: {type(exc).__name__}"
+                    + (f": {detail}" if detail else ""), type="server_error",
+                    code="pipeline_error")
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    text: str = ""
+    result: ChatResult | None = None  # set on the last event
+
+
+class LocalChat:
+    def __init__(self, model_id: str, weights: WeightsInfo,
+                 generate: Callable[[list[ChatItem]], list[ChatResult]],
+                 count_tokens: Callable[[ChatItem], int], context_length: int,
+                 policy: BatchPolicy, timeout_s: float, description: str = "") -> None:
+        self.model_id = model_id
+        self.weights = weights
+        self.description = description
+        self.count_tokens = count_tokens
+        self.context_length = context_length
+        self.timeout_s = timeout_s
+        self.batcher: Batcher[ChatItem, ChatResult] = Batcher(model_id, generate, policy,
+                                                              default_item_s=1.0)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def _submit(self, item: ChatItem) -> asyncio.Future[ChatResult]:
+        try:
+            (future,) = self.batcher.submit([item], self.timeout_s)
+        except QueueFull as exc:
+            raise queue_full(exc.retry_after_s) from exc
+        except Closed as exc:
+            raise _shutting_down() from exc
+        return asyncio.wrap_future(future)
+
+    async def complete(self, item: ChatItem) -> ChatResult:
+        waiting = self._submit(item)
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            waiting.cancel()  # the client left: a queued item never reaches the device
+            raise
+        except Exception as exc:
+            raise _as_api_error(exc, self.timeout_s) from exc
+
+    async def stream(self, item: ChatItem) -> AsyncIterator[StreamEvent]:
+        """Admit now (errors raise before any byte is sent), then yield text as it comes."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_text(text: str) -> None:  # called on the device thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        waiting = self._submit(replace(item, on_text=on_text))
+        return self._drain(waiting, pieces)
+
+    async def _drain(self, waiting: asyncio.Future[ChatResult],
+                     pieces: asyncio.Queue[str]) -> AsyncIterator[StreamEvent]:
+        try:
+            while not waiting.done() or not pieces.empty():
+                getter: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
+                both: list[asyncio.Future[Any]] = [getter, waiting]
+                await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield StreamEvent(text=getter.result())
+                else:
+                    getter.cancel()
+            try:
+                result = waiting.result()
+            except Exception as exc:
+                raise _as_api_error(exc, self.timeout_s) from exc
+            yield StreamEvent(result=result)
+        finally:
+            waiting.cancel()  # no-op when done; drops the item if the client left early
