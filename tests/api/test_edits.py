@@ -1,0 +1,132 @@
+"""/v1/images/edits: SDXL-Turbo image-to-image, multipart and JSON, via the openai SDK."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from server.app import create_app
+from server.config import Settings
+from tests.conftest import serve
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (256, 256)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pixels(b64: str | None) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64 or ""))).convert("RGB")
+                      ).astype(int)
+
+
+RED, BLUE = png((230, 20, 20)), png((20, 20, 230))
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_weights: Path) -> Iterator[str]:
+    with serve(create_app(Settings(weights_dir=tiny_weights), chat_loader=None)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def edit(client: openai.OpenAI, image: object, seed: int, strength: float | None = None,
+         **kw: object):  # type: ignore[no-untyped-def]
+    extra = {"seed": seed} if strength is None else {"seed": seed, "strength": strength}
+    return client.images.edit(image=image, prompt="make it a watercolor",  # type: ignore[arg-type]
+                              response_format="b64_json", extra_body=extra, **kw)
+
+
+def test_one_image(client: openai.OpenAI) -> None:
+    r = edit(client, ("red.png", RED, "image/png"), 5, n=2, size="256x256")
+    assert [d.model_extra["seed"] for d in r.data] == [5, 6]
+    first = pixels(r.data[0].b64_json)
+    assert first.shape == (256, 256, 3)
+    assert np.abs(first - pixels(r.data[1].b64_json)).mean() > 1  # seeds differ
+    # the source matters: same seed, another picture in, another picture out (the tiny
+    # random VAE keeps little of its input, so "another" is small here, yet far over 1)
+    other = edit(client, ("blue.png", BLUE, "image/png"), 5, n=2, size="256x256")
+    assert np.abs(first - pixels(other.data[0].b64_json)).max() > 4
+    # and the same request again gives the same pixels
+    again = edit(client, ("red.png", RED, "image/png"), 5, n=2, size="256x256")
+    assert np.array_equal(first, pixels(again.data[0].b64_json))
+
+
+def test_several_images_edit_in_turn(client: openai.OpenAI) -> None:
+    """Repeated image[] parts: output i edits source i (cycling when n is larger)."""
+    both = edit(client, [("a.png", RED, "image/png"), ("b.png", BLUE, "image/png")], 9, n=2,
+                size="256x256")
+    out0, out1 = pixels(both.data[0].b64_json), pixels(both.data[1].b64_json)
+    red9 = pixels(edit(client, ("a.png", RED, "image/png"), 9, size="256x256").data[0].b64_json)
+    blue9 = pixels(edit(client, ("b.png", BLUE, "image/png"), 9, size="256x256").data[0].b64_json)
+    blue10 = pixels(edit(client, ("b.png", BLUE, "image/png"), 10, size="256x256").data[0].b64_json)
+    assert np.abs(out0 - red9).max() <= 1 < np.abs(out0 - blue9).max()
+    assert np.abs(out1 - blue10).max() <= 1
+
+
+def test_auto_size_follows_the_source_and_formats(client: openai.OpenAI) -> None:
+    r = edit(client, ("wide.png", png((1, 2, 3), (800, 400)), "image/png"), 1,
+             strength=1.0, output_format="jpeg")
+    image = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json or "")))
+    assert image.format == "JPEG" and image.size == (512, 256)
+    assert r.size == "512x256"
+
+
+def test_json_body_with_data_url(base_url: str) -> None:
+    url = "data:image/png;base64," + base64.b64encode(RED).decode()
+    r = httpx.post(f"{base_url}/v1/images/edits", timeout=60, json={
+        "prompt": "x", "images": [{"image_url": url}], "size": "256x256", "seed": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1
+
+
+def _multipart(base_url: str, files: list[tuple[str, tuple[str, bytes, str]]],
+               **data: str) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/images/edits", files=files,
+                      data={"prompt": "x", **data}, timeout=60)
+
+
+BAD = [
+    ([("image", ("a.png", RED, "image/png")), ("mask", ("m.png", RED, "image/png"))], {},
+     "mask"),
+    ([], {}, "image"),
+    ([("image", ("a.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"))], {},
+     "image"),
+    ([("image", ("a.png", RED[:60], "image/png"))], {}, "image"),
+    ([("image", ("a.pdf", b"%PDF-1.4\n%...", "application/pdf"))], {}, "image"),
+    ([("image[]", ("a.png", RED, "image/png"))] * 9, {}, "image"),
+    ([("image", ("a.png", RED, "image/png"))], {"strength": "0.1"}, "strength"),
+    ([("image", ("a.png", RED, "image/png"))], {"strength": "0.5", "steps": "1"}, "strength"),
+    ([("image", ("a.png", RED, "image/png"))], {"n": "11"}, "n"),
+    ([("image", ("a.png", RED, "image/png"))], {"size": "100x100"}, "size"),
+    ([("image", ("a.png", RED, "image/png"))], {"model": "dall-e-2"}, "model"),
+]
+
+
+@pytest.mark.parametrize(("files", "data", "param"), BAD)
+def test_bad_input(base_url: str, files: list[tuple[str, tuple[str, bytes, str]]],
+                   data: dict[str, str], param: str) -> None:
+    r = _multipart(base_url, files, **data)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param
+
+
+def test_missing_prompt(base_url: str) -> None:
+    r = httpx.post(f"{base_url}/v1/images/edits", timeout=60,
+                   files=[("image", ("a.png", RED, "image/png"))])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
