@@ -78,11 +78,11 @@ def test_several_images_edit_in_turn(client: openai.OpenAI) -> None:
 
 
 def test_auto_size_follows_the_source_and_formats(client: openai.OpenAI) -> None:
-    r = edit(client, ("wide.png", png((1, 2, 3), (800, 400)), "image/png"), 1,
+    r = edit(client, ("wide.png", png((1, 2, 3), (2000, 1000)), "image/png"), 1,
              strength=1.0, output_format="jpeg")
     image = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json or "")))
-    assert image.format == "JPEG" and image.size == (512, 256)
-    assert r.size == "512x256"
+    assert image.format == "JPEG" and image.size == (1024, 512)  # aspect kept, within bounds
+    assert r.size == "1024x512"
 
 
 def test_json_body_with_data_url(base_url: str) -> None:
