@@ -48,14 +48,19 @@ def resolve_weights(settings: Settings) -> WeightsInfo:
     return found
 
 
+def _device(settings: Settings) -> torch.device:
+    device = pick_device(settings.device)
+    if device.type == "cpu":
+        # The models' threads would otherwise spin on every core and starve the event
+        # loop that parses requests and encodes images (measured: 124 -> 153 images/s).
+        torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+    return device
+
+
 def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
     weights = resolve_weights(settings)
     limits = Limits(min_side=settings.images.min_side, max_side=settings.images.max_side)
-    device = pick_device(settings.device)
-    if device.type == "cpu":
-        # The pipeline's threads would otherwise spin on every core and starve the event
-        # loop that parses requests and encodes images (measured: 124 -> 153 images/s).
-        torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+    device = _device(settings)
     engine = SDXLTurbo.load(weights.path, device, variant=weights.variant,
                             xformers=settings.xformers, limits=limits)
     return engine, weights
@@ -75,7 +80,7 @@ def load_vlm(settings: Settings) -> tuple[VisionLanguageModel, WeightsInfo]:
         raise FileNotFoundError(
             f"no vision-language weights under {settings.weights_dir.resolve()}: run "
             "`spillway weights tiny` (built-in default) or `spillway weights fetch qwen3-vl-4b`")
-    return VisionLanguageModel.load(weights.path, pick_device(settings.device)), weights
+    return VisionLanguageModel.load(weights.path, _device(settings)), weights
 
 
 def load_local_chat(settings: Settings) -> LocalChat:
@@ -89,12 +94,14 @@ def load_local_chat(settings: Settings) -> LocalChat:
                      model.context_length, policy, v.timeout_s, description)
 
 
-def create_app(settings: Settings, loader: Loader = load_local_images,
+def create_app(settings: Settings, loader: Loader | None = load_local_images,
                chat_loader: ChatLoader | None = load_local_chat) -> FastAPI:
-    """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``)."""
+    """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``);
+    ``loader=None`` serves chat only."""
     state = AppState(settings, ImageStore(settings.images.url_ttl_s,
                                           settings.images.url_store_mb * 2**20),
-                     chat_enabled=settings.vlm.enabled and chat_loader is not None)
+                     chat_enabled=settings.vlm.enabled and chat_loader is not None,
+                     images_enabled=loader is not None)
 
     async def load(what: str, build: Callable[[Settings], LocalImages | LocalChat]) -> None:
         try:
@@ -117,7 +124,8 @@ def create_app(settings: Settings, loader: Loader = load_local_images,
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers at once, /readyz says 503 until done.
-        state.loaders.append(asyncio.create_task(load("sdxl-turbo", loader)))
+        if loader is not None:
+            state.loaders.append(asyncio.create_task(load("sdxl-turbo", loader)))
         if state.chat_enabled and chat_loader is not None:
             state.loaders.append(asyncio.create_task(load("qwen3-vl-4b", chat_loader)))
         try:

@@ -20,11 +20,12 @@ import torch
 import uvicorn
 
 from pipelines.base import ImageItem
-from server.app import batch_policy, create_app, load_engine
+from server.app import batch_policy, create_app, load_engine, load_vlm
 from server.batcher import BatchPolicy
 from server.config import Settings
 from server.protocol import parse_size
 from server.providers.local import LocalImages
+from server.providers.local_chat import LocalChat
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def _bench_settings(settings: Settings, size: str) -> Settings:
     return settings.model_copy(update={"images": images})
 
 
-async def _load(port: int, clients: int, requests: int, body: dict[str, object]
+async def _load(port: int, clients: int, requests: int, path: str, body: dict[str, object]
                 ) -> tuple[float, list[float]]:
     import httpx
 
@@ -68,7 +69,7 @@ async def _load(port: int, clients: int, requests: int, body: dict[str, object]
     async def client(http: httpx.AsyncClient) -> None:
         for _ in todo:
             t0 = time.perf_counter()
-            r = await http.post("/v1/images/generations", json=body)
+            r = await http.post(path, json=body)
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
 
@@ -83,16 +84,22 @@ async def _load(port: int, clients: int, requests: int, body: dict[str, object]
         return time.perf_counter() - t0, latencies
 
 
-def _load_in_process(port: int, clients: int, requests: int, body: dict[str, object]
-                     ) -> tuple[float, list[float]]:
-    return asyncio.run(_load(port, clients, requests, body))
+def _load_in_process(port: int, clients: int, requests: int, path: str,
+                     body: dict[str, object]) -> tuple[float, list[float]]:
+    return asyncio.run(_load(port, clients, requests, path, body))
 
 
-def _run_mode(mode: str, settings: Settings, local: LocalImages, clients: int, requests: int,
-              body: dict[str, object]) -> Result:
+def _run_mode(mode: str, settings: Settings, local: LocalImages | LocalChat, clients: int,
+              requests: int, body: dict[str, object]) -> Result:
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, loader=lambda _: local),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    if isinstance(local, LocalImages):
+        app, path = create_app(settings, loader=lambda _: local, chat_loader=None), \
+            "/v1/images/generations"
+    else:
+        app, path = create_app(settings, loader=None, chat_loader=lambda _: local), \
+            "/v1/chat/completions"
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -102,7 +109,7 @@ def _run_mode(mode: str, settings: Settings, local: LocalImages, clients: int, r
         # The clients run in their own process, as real clients do: they do not take the
         # server's interpreter lock.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            wall, latencies = pool.submit(_load_in_process, port, clients, requests,
+            wall, latencies = pool.submit(_load_in_process, port, clients, requests, path,
                                           body).result()
         after = local.batcher.snapshot()
     finally:
@@ -130,12 +137,52 @@ def compare(settings: Settings, *, clients: int, requests: int, size: str, steps
           f"({str(engine.pipe.dtype).removeprefix('torch.')}, {engine.attention}), "
           f"{width}x{height}, {steps} step(s), {clients} clients, {requests} requests per mode, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'mode':<15}{'images/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'mean batch':>12}")
+    _table(results, "images/s")
+
+
+def _table(results: list[Result], unit: str) -> None:
+    print(f"{'mode':<15}{unit:>12}{'p50 ms':>10}{'p95 ms':>10}{'mean batch':>12}")
     for r in results:
-        print(f"{r.mode:<15}{r.images_per_s:>10.1f}{r.pct(0.5):>10.0f}{r.pct(0.95):>10.0f}"
+        print(f"{r.mode:<15}{r.images_per_s:>12.1f}{r.pct(0.5):>10.0f}{r.pct(0.95):>10.0f}"
               f"{r.mean_batch:>12.1f}")
     print(f"batched / one-at-a-time: {results[0].images_per_s / results[1].images_per_s:.2f}x "
-          "images/s")
+          f"{unit}")
+
+
+def compare_chat(settings: Settings, *, clients: int, requests: int, max_tokens: int,
+                 image_side: int = 512) -> None:
+    """Vision chat: one image (a photo-sized noise PNG) and a question per request."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    model, weights = load_vlm(settings)
+    noise = np.random.default_rng(0).integers(0, 256, (image_side, image_side, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body: dict[str, object] = {
+        "model": "local-vlm", "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Describe this image."},
+            {"type": "image_url", "image_url": {"url": url}}]}]}
+    v = settings.vlm
+    modes = [("batched", v.max_batch), ("one-at-a-time", 1)]
+    results = []
+    for mode, max_batch in modes:
+        policy = BatchPolicy(max_batch=max_batch, max_batch_pixels=2**62,
+                             max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
+        local = LocalChat("local-vlm", weights, model.generate,
+                          lambda item: model.count_prompt_tokens(item.messages, item.images),
+                          model.context_length, policy, v.timeout_s)
+        results.append(_run_mode(mode, settings, local, clients, requests, body))
+    print(f"spillway bench --chat: {weights.label} on {model.device.type} "
+          f"({str(model.model.dtype).removeprefix('torch.')}), {image_side}x{image_side} image, "
+          f"up to {max_tokens} output tokens, {clients} clients, {requests} requests per mode, "
+          f"torch threads {torch.get_num_threads()}")
+    _table(results, "requests/s")
 
 
 def sweep(settings: Settings, batch_sizes: list[int], size: str, steps: int,

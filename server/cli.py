@@ -157,12 +157,20 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
           weights_dir: WeightsDir = None,
           sweep: Annotated[str | None, typer.Option(
               help="instead: time the pipeline alone at these batch sizes, e.g. 1,4,8,16,32")]
-          = None) -> None:
+          = None,
+          chat: Annotated[bool, typer.Option(
+              "--chat", help="bench the vision-language model (chat completions) instead")]
+          = False,
+          max_tokens: Annotated[int, typer.Option(help="--chat: output tokens per request")]
+          = 64) -> None:
     """Batched engine vs one-at-a-time, side by side, through the real HTTP server."""
     from server import bench as bench_mod
 
     settings = _settings(weights_dir=weights_dir)
-    if sweep:
+    if chat:
+        bench_mod.compare_chat(settings, clients=clients, requests=requests,
+                               max_tokens=max_tokens)
+    elif sweep:
         sizes = [int(s) for s in sweep.split(",") if s.strip()]
         bench_mod.sweep(settings, sizes, size, steps)
     else:

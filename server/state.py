@@ -22,12 +22,14 @@ class AppState:
     images: LocalImages | None = None
     chat: LocalChat | None = None
     chat_enabled: bool = True
+    images_enabled: bool = True
     load_error: str | None = None
     loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @property
     def ready(self) -> bool:
-        return self.images is not None and (self.chat is not None or not self.chat_enabled)
+        return ((self.images is not None or not self.images_enabled)
+                and (self.chat is not None or not self.chat_enabled))
 
     def _not_ready(self) -> APIError:
         message = ("The model is still loading." if self.load_error is None

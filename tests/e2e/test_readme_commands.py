@@ -86,9 +86,10 @@ def test_weights_commands(tmp_path: Path) -> None:
                               timeout=300)
 
     assert "no weights" in spillway("weights", "list").stdout
-    assert "built tiny" in spillway("weights", "ensure").stdout
-    assert "using tiny" in spillway("weights", "ensure").stdout
-    assert "sdxl-turbo-tiny" in spillway("weights", "list").stdout
+    assert spillway("weights", "ensure").stdout.count("built") == 2  # SDXL and the VLM
+    assert spillway("weights", "ensure").stdout.count("using") == 2
+    listed = spillway("weights", "list").stdout
+    assert "sdxl-turbo-tiny" in listed and "vlm-tiny" in listed
     failed = spillway("weights", "fetch", "sdxl-turbo", "--endpoint",
                       f"http://127.0.0.1:{free_port()}")
     assert failed.returncode == 1
@@ -105,6 +106,11 @@ def test_bench_prints_both_modes_and_the_sweep(tiny_weights: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "batched" in done.stdout and "one-at-a-time" in done.stdout
     assert "batched / one-at-a-time:" in done.stdout
+    done = subprocess.run([SPILLWAY, "bench", "--chat", "--requests", "8", "--clients", "4",
+                           "--max-tokens", "4"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "requests/s" in done.stdout and "one-at-a-time" in done.stdout
     done = subprocess.run([SPILLWAY, "bench", "--sweep", "1,2", "--size", "64x64"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
