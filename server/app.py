@@ -124,10 +124,15 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Load in the background: /healthz answers at once, /readyz says 503 until done.
-        if loader is not None:
-            state.loaders.append(asyncio.create_task(load("sdxl-turbo", loader)))
-        if state.chat_enabled and chat_loader is not None:
-            state.loaders.append(asyncio.create_task(load("qwen3-vl-4b", chat_loader)))
+        # One after the other: from_pretrained patches process-wide torch state (empty-
+        # weight init on the meta device), and two loads at once corrupt each other.
+        async def load_all() -> None:
+            if loader is not None:
+                await load("sdxl-turbo", loader)
+            if state.chat_enabled and chat_loader is not None:
+                await load("qwen3-vl-4b", chat_loader)
+
+        state.loaders.append(asyncio.create_task(load_all()))
         try:
             yield
         finally:
