@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipelines.base import ImageItem
 from pipelines.registry import WeightsInfo
-from server.batcher import Batcher, BatchPolicy, Closed, Expired, QueueFull
-from server.errors import APIError, queue_full
+from server.batcher import Batcher, BatchPolicy, Closed, QueueFull
+from server.errors import from_batch_failure, queue_full, shutting_down
 from server.job import ImageJob
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class LocalImages:
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
-            raise APIError(503, "The server is shutting down.", type="server_error",
-                           code="shutting_down") from exc
+            raise shutting_down() from exc
         waits = [asyncio.wrap_future(f) for f in futures]
         try:
             images = await asyncio.gather(*waits)
@@ -75,18 +74,8 @@ class LocalImages:
             for f in futures:  # the client left: queued items never reach the device
                 f.cancel()
             raise
-        except Expired as exc:
-            raise APIError(503, f"The request waited longer than {self.timeout_s:g} s in the "
-                           "local queue.", type="server_error", code="queue_timeout",
-                           headers={"Retry-After": "1"}) from exc
-        except Closed as exc:
-            raise APIError(503, "The server is shutting down.", type="server_error",
-                           code="shutting_down") from exc
         except Exception as exc:
-            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise APIError(500, f"The local image pipeline failed: {type(exc).__name__}"
-                           + (f": {detail}" if detail else ""), type="server_error",
-                           code="pipeline_error") from exc
+            raise from_batch_failure(exc, self.timeout_s, "image pipeline") from exc
         media_type = MEDIA_TYPES[job.output_format]
         encoded = await asyncio.to_thread(
             lambda: [encode_image(im, job.output_format, job.output_compression) for im in images])

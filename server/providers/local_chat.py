@@ -9,26 +9,8 @@ from typing import Any
 
 from pipelines.registry import WeightsInfo
 from pipelines.vlm import ChatItem, ChatResult
-from server.batcher import Batcher, BatchPolicy, Closed, Expired, QueueFull
-from server.errors import APIError, queue_full
-
-
-def _shutting_down() -> APIError:
-    return APIError(503, "The server is shutting down.", type="server_error",
-                    code="shutting_down")
-
-
-def _as_api_error(exc: BaseException, timeout_s: float) -> APIError:
-    if isinstance(exc, Expired):
-        return APIError(503, f"The request waited longer than {timeout_s:g} s in the local "
-                        "queue.", type="server_error", code="queue_timeout",
-                        headers={"Retry-After": "1"})
-    if isinstance(exc, Closed):
-        return _shutting_down()
-    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return APIError(500, f"The local vision model failed: {type(exc).__name__}"
-                    + (f": {detail}" if detail else ""), type="server_error",
-                    code="pipeline_error")
+from server.batcher import Batcher, BatchPolicy, Closed, QueueFull
+from server.errors import from_batch_failure, queue_full, shutting_down
 
 
 @dataclass(frozen=True)
@@ -63,7 +45,7 @@ class LocalChat:
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
-            raise _shutting_down() from exc
+            raise shutting_down() from exc
         return asyncio.wrap_future(future)
 
     async def complete(self, item: ChatItem) -> ChatResult:
@@ -74,7 +56,7 @@ class LocalChat:
             waiting.cancel()  # the client left: a queued item never reaches the device
             raise
         except Exception as exc:
-            raise _as_api_error(exc, self.timeout_s) from exc
+            raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
 
     async def stream(self, item: ChatItem) -> AsyncIterator[StreamEvent]:
         """Admit now (errors raise before any byte is sent), then yield text as it comes."""
@@ -101,7 +83,7 @@ class LocalChat:
             try:
                 result = waiting.result()
             except Exception as exc:
-                raise _as_api_error(exc, self.timeout_s) from exc
+                raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
             yield StreamEvent(result=result)
         finally:
             waiting.cancel()  # no-op when done; drops the item if the client left early
