@@ -4,6 +4,7 @@ stop strings and streaming."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class ChatItem:
     seed: int | None = None
     # Streaming: called from the device thread with each new piece of text.
     on_text: Callable[[str], None] | None = None
+    # Set when the client has gone: the row stops at its next token, freeing the batch.
+    cancel: threading.Event | None = None
 
     @property
     def shape_key(self) -> tuple[str, float, float, int | None]:
@@ -86,6 +89,9 @@ class _Row:
 
     def push(self, token: int) -> None:
         if self.finish is not None:
+            return
+        if self.item.cancel is not None and self.item.cancel.is_set():
+            self.finish = "stop"
             return
         if token in self.eos:
             self.finish = "stop"

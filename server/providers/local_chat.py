@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -66,11 +67,12 @@ class LocalChat:
         def on_text(text: str) -> None:  # called on the device thread
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        waiting = self._submit(replace(item, on_text=on_text))
-        return self._drain(waiting, pieces)
+        gone = threading.Event()
+        waiting = self._submit(replace(item, on_text=on_text, cancel=gone))
+        return self._drain(waiting, pieces, gone)
 
-    async def _drain(self, waiting: asyncio.Future[ChatResult],
-                     pieces: asyncio.Queue[str]) -> AsyncIterator[StreamEvent]:
+    async def _drain(self, waiting: asyncio.Future[ChatResult], pieces: asyncio.Queue[str],
+                     gone: threading.Event) -> AsyncIterator[StreamEvent]:
         try:
             while not waiting.done() or not pieces.empty():
                 getter: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
@@ -87,3 +89,4 @@ class LocalChat:
             yield StreamEvent(result=result)
         finally:
             waiting.cancel()  # no-op when done; drops the item if the client left early
+            gone.set()  # and if it is already running, its row stops at the next token

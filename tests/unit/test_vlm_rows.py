@@ -60,6 +60,17 @@ def test_tokens_after_finish_are_ignored() -> None:
     assert row.text == "ab" and len(row.ids) == 2
 
 
+def test_a_cancelled_row_stops_at_its_next_token() -> None:
+    import threading
+
+    gone = threading.Event()
+    row = _Row(item(max_tokens=50, cancel=gone), ByteTokenizer(), {EOS})
+    row.push(ord("a"))
+    gone.set()
+    row.push(ord("b"))
+    assert (row.text, row.finish) == ("a", "stop")
+
+
 def test_fit_pixels_scales_down_only() -> None:
     from PIL import Image
 
