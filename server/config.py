@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -70,6 +70,88 @@ class VlmSettings(BaseModel):
         "low": 448 * 448, "auto": 1024 * 1024, "high": 1792 * 1792})
 
 
+class OpenAISettings(BaseModel):
+    """OpenAI, an OpenAI-compatible relay (base_url), or Azure OpenAI (azure_endpoint)."""
+
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    azure_endpoint: str | None = None
+    azure_api_version: str = "2025-04-01-preview"
+    # Azure names deployments, not models: model name -> deployment name
+    azure_deployments: dict[str, str] = Field(default_factory=dict)
+    organization: str | None = None
+    image_model: str = "gpt-image-1"
+    vision_model: str = "gpt-4o-mini"
+    timeout_s: float = Field(120.0, gt=0)
+
+    @property
+    def configured(self) -> bool:
+        return self.api_key is not None and bool(self.api_key.get_secret_value())
+
+
+class GeminiSettings(BaseModel):
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    api_version: str | None = None
+    image_model: str = "gemini-2.5-flash-image"
+    vision_model: str = "gemini-2.5-flash"
+    timeout_s: float = Field(120.0, gt=0)
+
+    @property
+    def configured(self) -> bool:
+        return self.api_key is not None and bool(self.api_key.get_secret_value())
+
+
+class RateLimit(BaseModel):
+    per_minute: int = Field(ge=1)
+    burst: int = Field(ge=1, description="at most this many in any burst_window_s")
+    burst_window_s: float = Field(10.0, gt=0)
+
+
+def _default_limits() -> dict[str, RateLimit]:
+    # Published tier-1 limits (requests per minute); the burst keeps a minute's worth
+    # from leaving in one second.
+    return {
+        "gpt-image-1": RateLimit(per_minute=5, burst=3),
+        "gpt-image-1-mini": RateLimit(per_minute=5, burst=3),
+        "gpt-4o-mini": RateLimit(per_minute=500, burst=100),
+        "gpt-4o": RateLimit(per_minute=500, burst=100),
+        "gemini-2.5-flash-image": RateLimit(per_minute=10, burst=5),
+        "gemini-2.5-flash": RateLimit(per_minute=1000, burst=200),
+    }
+
+
+class Prices(BaseModel):
+    """USD. gpt-image-1 per image by quality and size; tokens per million."""
+
+    openai_image: dict[str, dict[str, float]] = Field(default_factory=lambda: {
+        "low": {"1024x1024": 0.011, "1024x1536": 0.016, "1536x1024": 0.016},
+        "medium": {"1024x1024": 0.042, "1024x1536": 0.063, "1536x1024": 0.063},
+        "high": {"1024x1024": 0.167, "1024x1536": 0.25, "1536x1024": 0.25},
+    })
+    gemini_image: float = 0.039
+    # model -> (input, output) USD per million tokens
+    tokens_per_million: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
+        "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00),
+        "gemini-2.5-flash": (0.30, 2.50),
+    })
+    local_gpu_per_hour: float = Field(2.0, ge=0, description="what an hour of the box costs")
+
+
+class RouterSettings(BaseModel):
+    spill: bool = Field(True, description="overflow goes to the cloud when a deadline would slip")
+    critical_qualities: list[str] = Field(default_factory=lambda: ["high", "hd"])
+    image_provider: str = Field("openai", description="preferred cloud for images")
+    vision_provider: str = Field("openai", description="preferred cloud for vision chat")
+    default_deadline_ms: float = Field(30_000, gt=0)
+    local_failover: bool = Field(True, description="a local failure may retry on the cloud")
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    rate_limits: dict[str, RateLimit] = Field(default_factory=_default_limits)
+    daily_budget_usd: dict[str, float] = Field(
+        default_factory=lambda: {"openai": 20.0, "gemini": 20.0, "total": 30.0})
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPILLWAY_", env_nested_delimiter="__",
                                       extra="ignore")
@@ -92,6 +174,11 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     media: MediaSettings = MediaSettings()
     vlm: VlmSettings = VlmSettings()
+    openai: OpenAISettings = OpenAISettings()
+    gemini: GeminiSettings = GeminiSettings()
+    router: RouterSettings = RouterSettings()
+    prices: Prices = Prices()
+    ledger_url: str = Field("sqlite:///data/ledger.db", description="any SQLAlchemy URL")
 
 
 @lru_cache(maxsize=1)
