@@ -18,8 +18,11 @@ from pipelines.vlm import VisionLanguageModel
 from server import errors
 from server.batcher import BatchPolicy
 from server.config import Settings
+from server.dispatch import Dispatcher
 from server.image_store import ImageStore
+from server.ledger import Ledger
 from server.middleware import RequestContext
+from server.providers.base import CloudProvider
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 from server.routes import chat, images, ops
@@ -94,6 +97,20 @@ def load_local_chat(settings: Settings) -> LocalChat:
                      model.context_length, policy, v.timeout_s, description)
 
 
+def build_providers(settings: Settings) -> dict[str, CloudProvider]:
+    """Cloud providers with a key in settings; a server without keys runs local-only."""
+    providers: dict[str, CloudProvider] = {}
+    if settings.openai.configured:
+        from server.providers.openai import OpenAIProvider
+
+        providers["openai"] = OpenAIProvider(settings.openai, settings.prices)
+    if settings.gemini.configured:
+        from server.providers.gemini import GeminiProvider
+
+        providers["gemini"] = GeminiProvider(settings.gemini, settings.prices)
+    return providers
+
+
 def create_app(settings: Settings, loader: Loader | None = load_local_images,
                chat_loader: ChatLoader | None = load_local_chat) -> FastAPI:
     """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``);
@@ -111,10 +128,11 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
             log.exception("%s load failed: %s", what, exc)
             return
         local.start()
+        dispatcher = state.require_dispatcher()
         if isinstance(local, LocalImages):
-            state.images = local
+            state.images = dispatcher.images_local = local
         else:
-            state.chat = local
+            state.chat = dispatcher.chat_local = local
         log.info("serving %s from %s [%s] (%s)", local.model_id, local.weights.path,
                  local.weights.label, local.description)
         if local.weights.source != "hub":
@@ -123,6 +141,11 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.dispatcher = Dispatcher(settings, build_providers(settings),
+                                      Ledger(settings.ledger_url))
+        log.info("cloud providers: %s; ledger: %s",
+                 ", ".join(state.dispatcher.providers) or "none (local only)",
+                 settings.ledger_url.split("://")[0])
         # Load in the background: /healthz answers at once, /readyz says 503 until done.
         # One after the other: from_pretrained patches process-wide torch state (empty-
         # weight init on the meta device), and two loads at once corrupt each other.
@@ -141,6 +164,9 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
             for local in (state.images, state.chat):
                 if local is not None:
                     await asyncio.to_thread(local.close)
+            await state.dispatcher.close()
+            if state.dispatcher.ledger is not None:
+                state.dispatcher.ledger.close()
 
     app = FastAPI(title="Spillway", version="0.1.0", lifespan=lifespan)
     app.state.spillway = state

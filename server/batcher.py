@@ -62,6 +62,20 @@ class Pending(Generic[T]):
 
 
 @dataclass(frozen=True)
+class Timing:
+    """How an item went: time queued, and its share of the device time of its batch."""
+
+    queue_s: float
+    device_s: float
+    batch_size: int
+
+
+def timing_of(future: Future[Any]) -> Timing | None:
+    timing: Timing | None = getattr(future, "spillway_timing", None)
+    return timing
+
+
+@dataclass(frozen=True)
 class Decision:
     take: tuple[int, ...] = ()  # indices into the pending list, in arrival order
     wait_s: float | None = None  # when nothing is taken: how long until it is worth looking again
@@ -274,4 +288,7 @@ class Batcher(Generic[T, R]):
             self._batches += 1
             self._items_done += len(batch)
         for p, result in zip(batch, results, strict=True):
+            # Attached before the result, so whoever wakes on it can read it.
+            p.future.spillway_timing = Timing(  # type: ignore[attr-defined]
+                started - p.enqueued, elapsed / len(batch), len(batch))
             p.future.set_result(result)

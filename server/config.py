@@ -57,8 +57,9 @@ class VlmSettings(BaseModel):
     """The local vision-language model behind /v1/chat/completions."""
 
     enabled: bool = True
-    # Client code written for OpenAI vision sends these names; the local model answers them.
-    aliases: list[str] = Field(default_factory=lambda: ["gpt-4o", "gpt-4o-mini"])
+    # Cloud model names the local model answers instead of their provider, e.g.
+    # ["gpt-4o-mini"]: client code keeps its model name and never leaves the box.
+    aliases: list[str] = Field(default_factory=list)
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens accepted")
     max_batch: int = Field(16, ge=1)

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.config import Settings
+from server.dispatch import Dispatcher
 from server.errors import APIError
 from server.image_store import ImageStore
 from server.providers.local import LocalImages
@@ -25,6 +26,12 @@ class AppState:
     images_enabled: bool = True
     load_error: str | None = None
     loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+    dispatcher: Dispatcher | None = None
+
+    def require_dispatcher(self) -> Dispatcher:
+        if self.dispatcher is None:
+            raise self._not_ready()
+        return self.dispatcher
 
     @property
     def ready(self) -> bool:

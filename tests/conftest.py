@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,12 @@ from fastapi import FastAPI
 
 from pipelines.registry import build_tiny, build_tiny_vlm
 from server.config import Settings
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ledger_in_memory() -> None:
+    """Servers the tests start keep their ledger in memory unless a test says otherwise."""
+    os.environ.setdefault("SPILLWAY_LEDGER_URL", "sqlite://")
 
 
 @pytest.fixture(scope="session")

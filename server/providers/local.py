@@ -12,9 +12,10 @@ from PIL import Image
 
 from pipelines.base import ImageItem
 from pipelines.registry import WeightsInfo
-from server.batcher import Batcher, BatchPolicy, Closed, QueueFull
+from server.batcher import Batcher, BatchPolicy, Closed, QueueFull, timing_of
 from server.errors import from_batch_failure, queue_full, shutting_down
 from server.job import ImageJob
+from server.providers.base import OutImage
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,10 @@ def encode_image(image: Image.Image, fmt: str, compression: int | None) -> bytes
 
 
 @dataclass(frozen=True)
-class Generated:
-    data: bytes
-    media_type: str
-    seed: int
+class LocalRun:
+    images: list[OutImage]
+    queue_s: float  # the longest any of the job's items waited
+    device_s: float  # the job's share of device time
 
 
 class LocalImages:
@@ -60,7 +61,7 @@ class LocalImages:
     def close(self) -> None:
         self.batcher.close()
 
-    async def generate(self, job: ImageJob) -> list[Generated]:
+    async def generate(self, job: ImageJob) -> LocalRun:
         try:
             futures = self.batcher.submit(job.items(), self.timeout_s)
         except QueueFull as exc:
@@ -79,5 +80,8 @@ class LocalImages:
         media_type = MEDIA_TYPES[job.output_format]
         encoded = await asyncio.to_thread(
             lambda: [encode_image(im, job.output_format, job.output_compression) for im in images])
-        return [Generated(data, media_type, seed)
-                for data, seed in zip(encoded, job.seeds, strict=True)]
+        timings = [t for t in map(timing_of, futures) if t is not None]
+        return LocalRun([OutImage(data, media_type, seed)
+                         for data, seed in zip(encoded, job.seeds, strict=True)],
+                        max((t.queue_s for t in timings), default=0.0),
+                        sum(t.device_s for t in timings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -10,7 +11,7 @@ from typing import Any
 
 from pipelines.registry import WeightsInfo
 from pipelines.vlm import ChatItem, ChatResult
-from server.batcher import Batcher, BatchPolicy, Closed, QueueFull
+from server.batcher import Batcher, BatchPolicy, Closed, QueueFull, Timing, timing_of
 from server.errors import from_batch_failure, queue_full, shutting_down
 
 
@@ -18,6 +19,7 @@ from server.errors import from_batch_failure, queue_full, shutting_down
 class StreamEvent:
     text: str = ""
     result: ChatResult | None = None  # set on the last event
+    timing: Timing | None = None
 
 
 class LocalChat:
@@ -40,19 +42,20 @@ class LocalChat:
     def close(self) -> None:
         self.batcher.close()
 
-    def _submit(self, item: ChatItem) -> asyncio.Future[ChatResult]:
+    def _submit(self, item: ChatItem
+                ) -> tuple[asyncio.Future[ChatResult], concurrent.futures.Future[ChatResult]]:
         try:
             (future,) = self.batcher.submit([item], self.timeout_s)
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
             raise shutting_down() from exc
-        return asyncio.wrap_future(future)
+        return asyncio.wrap_future(future), future
 
-    async def complete(self, item: ChatItem) -> ChatResult:
-        waiting = self._submit(item)
+    async def complete(self, item: ChatItem) -> tuple[ChatResult, Timing | None]:
+        waiting, future = self._submit(item)
         try:
-            return await waiting
+            return await waiting, timing_of(future)
         except asyncio.CancelledError:
             waiting.cancel()  # the client left: a queued item never reaches the device
             raise
@@ -68,10 +71,11 @@ class LocalChat:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         gone = threading.Event()
-        waiting = self._submit(replace(item, on_text=on_text, cancel=gone))
-        return self._drain(waiting, pieces, gone)
+        waiting, future = self._submit(replace(item, on_text=on_text, cancel=gone))
+        return self._drain(waiting, future, pieces, gone)
 
-    async def _drain(self, waiting: asyncio.Future[ChatResult], pieces: asyncio.Queue[str],
+    async def _drain(self, waiting: asyncio.Future[ChatResult],
+                     future: concurrent.futures.Future[ChatResult], pieces: asyncio.Queue[str],
                      gone: threading.Event) -> AsyncIterator[StreamEvent]:
         try:
             while not waiting.done() or not pieces.empty():
@@ -86,7 +90,7 @@ class LocalChat:
                 result = waiting.result()
             except Exception as exc:
                 raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
-            yield StreamEvent(result=result)
+            yield StreamEvent(result=result, timing=timing_of(future))
         finally:
             waiting.cancel()  # no-op when done; drops the item if the client left early
             gone.set()  # and if it is already running, its row stops at the next token

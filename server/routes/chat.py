@@ -10,34 +10,45 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
-from pipelines.vlm import ChatItem, fit_pixels
+from pipelines.vlm import ChatResult, fit_pixels
 from server import media
-from server.errors import APIError, bad_request, model_not_found, queue_full
+from server.dispatch import check_context, to_item
+from server.errors import APIError, bad_request, model_not_found
 from server.protocol_chat import (
     ChatRequest,
     ImageRef,
     chunk,
     completion_body,
     completion_id,
-    context_error,
     max_tokens_of,
     parse_messages,
     sse,
     stop_strings,
     usage_chunk,
 )
-from server.providers.local_chat import LocalChat
-from server.routes.images import ClientGone, unless_disconnected
+from server.providers.base import ChatJob, ChatOutcome
+from server.providers.local_chat import StreamEvent
+from server.router import cloud_of
+from server.routes.common import (
+    Account,
+    ClientGone,
+    accounted,
+    deadline_s,
+    row_for,
+    unless_disconnected,
+)
 from server.state import AppState, State
 
 router = APIRouter()
 
 
-def _check_model(state: AppState, model: str) -> LocalChat:
-    local = state.local_chat()
-    if model not in {local.model_id, "auto", *state.settings.vlm.aliases}:
+def _check_model(state: AppState, model: str) -> None:
+    local_ids = {"local-vlm", "auto", *state.settings.vlm.aliases}
+    if model not in local_ids and cloud_of(model) is None:
         raise model_not_found(model)
-    return local
+    if model in local_ids and not state.chat_enabled and model != "auto":
+        raise APIError(404, "No vision-language model is enabled on this server.",
+                       param="model", code="model_not_found")
 
 
 async def _load_images(refs: list[ImageRef], state: AppState) -> list[Image.Image]:
@@ -53,8 +64,9 @@ async def _load_images(refs: list[ImageRef], state: AppState) -> list[Image.Imag
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, state: State) -> Response:
+    dispatcher = state.require_dispatcher()
     # 1. Cheap checks first: nothing is fetched or decoded for a request that will fail.
-    local = _check_model(state, body.model)
+    _check_model(state, body.model)
     parsed = parse_messages(body.messages)
     limit = state.settings.media.max_images_per_request
     if len(parsed.images) > limit:
@@ -63,52 +75,82 @@ async def chat_completions(body: ChatRequest, request: Request, state: State) ->
     vlm = state.settings.vlm
     max_tokens = max_tokens_of(body, vlm.default_max_tokens, vlm.max_tokens_cap)
     stops = stop_strings(body.stop)
-    snap = local.batcher.snapshot()
-    if snap.queued >= local.batcher.policy.max_queue:
-        raise queue_full(local.batcher.estimated_wait([]))
-    # 2. Images in, through the one intake path; then the prompt must fit the context.
+    deadline = deadline_s(request, state)
+    # 2. Images in, through the one intake path.
     images = await _load_images(parsed.images, state)
     temperature = 1.0 if body.temperature is None else body.temperature
-    item = ChatItem(parsed.messages, images, max_tokens, temperature, body.top_p or 1.0,
-                    stops, body.seed)
-    prompt_tokens = await asyncio.to_thread(local.count_tokens, item)
-    if prompt_tokens + max_tokens > local.context_length:
-        raise context_error(prompt_tokens, max_tokens, local.context_length)
+    job = ChatJob(body.model, parsed.messages, images, max_tokens, temperature,
+                  body.top_p or 1.0, stops, body.seed)
     cid = completion_id()
-    headers = {"x-spillway-route": "local", "x-spillway-cost-usd": "0",
-               "x-spillway-model": f"{local.model_id}; weights={local.weights.label}"}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = await local.stream(item)
-        return StreamingResponse(_sse(events, cid, body.model, include_usage),
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    local = dispatcher.chat_local
+    if body.stream and local is not None:
+        route, _ = dispatcher.route_chat(job, deadline)
+        if route.where == "local":  # token by token from the local batch
+            item = to_item(job)
+            await check_context(local, item)
+            events = await local.stream(item)
+            return StreamingResponse(
+                _sse_local(events, cid, body.model, include_usage, request, state, job,
+                           route.reason),
+                media_type="text/event-stream",
+                headers={"x-spillway-route": "local", "Cache-Control": "no-cache"})
+    async with accounted(request, state, "/v1/chat/completions", body.model) as account:
+        try:
+            outcome, served = await unless_disconnected(request,
+                                                        dispatcher.chat(job, deadline))
+        except ClientGone:
+            account.status, account.outcome = 499, "cancelled"
+            return Response(status_code=499)
+        account.served = served
+    result = ChatResult(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
+                        outcome.completion_tokens)
+    if body.stream:  # a cloud answer arrives whole: one content chunk
+        return StreamingResponse(_sse_whole(result, cid, body.model, include_usage),
                                  media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
-    try:
-        result = await unless_disconnected(request, local.complete(item))
-    except ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(completion_body(cid, body.model, result), headers=headers)
+                                 headers={**served.headers(), "Cache-Control": "no-cache"})
+    return JSONResponse(completion_body(cid, body.model, result), headers=served.headers())
 
 
-async def _sse(events: AsyncIterator[object], cid: str, model: str,
-               include_usage: bool) -> AsyncIterator[str]:
-    from server.providers.local_chat import StreamEvent
-
+async def _sse_whole(result: ChatResult, cid: str, model: str, include_usage: bool
+                     ) -> AsyncIterator[str]:
     created = int(time.time())
+    yield chunk(cid, model, created, {"role": "assistant", "content": ""},
+                with_usage=include_usage)
+    yield chunk(cid, model, created, {"content": result.text}, with_usage=include_usage)
+    yield chunk(cid, model, created, {}, finish=result.finish_reason, with_usage=include_usage)
+    if include_usage:
+        yield usage_chunk(cid, model, created, result)
+    yield "data: [DONE]\n\n"
+
+
+async def _sse_local(events: AsyncIterator[StreamEvent], cid: str, model: str,
+                     include_usage: bool, request: Request, state: AppState, job: ChatJob,
+                     reason: str) -> AsyncIterator[str]:
+    created = int(time.time())
+    account = Account("/v1/chat/completions", model)
     yield chunk(cid, model, created, {"role": "assistant", "content": ""},
                 with_usage=include_usage)
     try:
         async for event in events:
-            assert isinstance(event, StreamEvent)
             if event.result is None:
                 yield chunk(cid, model, created, {"content": event.text},
                             with_usage=include_usage)
                 continue
-            yield chunk(cid, model, created, {}, finish=event.result.finish_reason,
+            result = event.result
+            dispatcher = state.require_dispatcher()
+            outcome = ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
+                                  result.completion_tokens, "local-vlm", 0.0)
+            account.served = dispatcher.local_chat_served(reason, job, outcome, event.timing)
+            yield chunk(cid, model, created, {}, finish=result.finish_reason,
                         with_usage=include_usage)
             if include_usage:
-                yield usage_chunk(cid, model, created, event.result)
+                yield usage_chunk(cid, model, created, result)
     except APIError as err:
         # Headers are gone already: the error travels as an event in the OpenAI shape.
+        account.status, account.outcome = err.status, "error"
         yield sse(err.body())
+    finally:
+        if state.dispatcher is not None and (account.served or account.status != 200):
+            await state.dispatcher.record(row_for(request, account))
     yield "data: [DONE]\n\n"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +15,8 @@ from starlette.datastructures import UploadFile
 
 from pipelines.registry import MODEL_ID
 from server import media
-from server.errors import APIError, bad_request, model_not_found, queue_full
+from server.dispatch import Served
+from server.errors import APIError, bad_request, model_not_found
 from server.job import ImageJob
 from server.protocol import (
     ImageEditRequest,
@@ -25,57 +25,46 @@ from server.protocol import (
     to_edit_job,
     to_image_job,
 )
-from server.providers.local import LocalImages
+from server.providers.base import OutImage
+from server.router import cloud_of
+from server.routes.common import ClientGone, accounted, deadline_s, unless_disconnected
 from server.state import AppState, State
 
 router = APIRouter()
-T = TypeVar("T")
 
 LOCAL_ALIASES = {None, "", "auto", MODEL_ID}
 
 
-class ClientGone(Exception):
-    pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Race the work against the client leaving; if it leaves, the work is cancelled
-    (and with it every queued item of the request)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise ClientGone
-
-
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerationRequest, request: Request, state: State) -> Response:
-    if body.model not in LOCAL_ALIASES:
-        raise model_not_found(str(body.model))
-    local = state.local_images()
-    job = to_image_job(body, MODEL_ID, state.settings.images)
-    return await _respond(request, state, local, job)
+    check_image_model(body.model)
+    job = to_image_job(body, body.model or "auto", state.settings.images)
+    return await _run(request, state, "/v1/images/generations", job)
 
 
-async def _respond(request: Request, state: AppState, local: LocalImages, job: ImageJob
-                   ) -> Response:
-    started = time.monotonic()
-    try:
-        generated = await unless_disconnected(request, local.generate(job))
-    except ClientGone:
-        return Response(status_code=499)
+def check_image_model(model: str | None) -> None:
+    if model not in LOCAL_ALIASES and cloud_of(model) is None:
+        raise model_not_found(str(model))
+
+
+async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) -> Response:
+    dispatcher = state.require_dispatcher()
+    async with accounted(request, state, endpoint, job.model) as account:
+        account.images = job.n
+        try:
+            images, served = await unless_disconnected(
+                request, dispatcher.images(job, deadline_s(request, state)))
+        except ClientGone:
+            account.status, account.outcome = 499, "cancelled"
+            return Response(status_code=499)
+        account.served = served
+        return _respond(request, state, job, images, served)
+
+
+def _respond(request: Request, state: AppState, job: ImageJob, images: list[OutImage],
+             served: Served) -> Response:
     data: list[dict[str, Any]] = []
-    for image in generated:
+    for image in images:
         entry: dict[str, Any] = {"revised_prompt": None, "seed": image.seed}
         if job.response_format == "url":
             image_id, _ = state.store.put(image.data, image.media_type)
@@ -84,13 +73,7 @@ async def _respond(request: Request, state: AppState, local: LocalImages, job: I
         else:
             entry["b64_json"] = base64.b64encode(image.data).decode("ascii")
         data.append(entry)
-    headers = {
-        "x-spillway-route": "local",
-        "x-spillway-cost-usd": "0",
-        "x-spillway-model": f"{MODEL_ID}; weights={local.weights.label}",
-        "x-spillway-elapsed-ms": str(round((time.monotonic() - started) * 1000)),
-    }
-    return JSONResponse(images_response(job, data), headers=headers)
+    return JSONResponse(images_response(job, data), headers=served.headers())
 
 
 @router.get("/v1/images/{image_id}")
@@ -153,14 +136,8 @@ async def _edit_inputs(request: Request, state: AppState
 
 @router.post("/v1/images/edits")
 async def edit_image(request: Request, state: State) -> Response:
-    local = state.local_images()
     req, sources = await _edit_inputs(request, state)
-    if req.model not in LOCAL_ALIASES:
-        raise model_not_found(str(req.model))
-    # Admission before the expensive part (decoding the uploads).
-    snap = local.batcher.snapshot()
-    if snap.queued + (req.n or 1) > local.batcher.policy.max_queue:
-        raise queue_full(local.batcher.estimated_wait([]))
+    check_image_model(req.model)
     media_settings = state.settings.media
     images = []
     for i, src in enumerate(sources):
@@ -170,5 +147,5 @@ async def edit_image(request: Request, state: State) -> Response:
                                                   media_settings, param=param))
         else:
             images.append(await media.load_image(src, media_settings, param=f"images[{i}]"))
-    job = to_edit_job(req, MODEL_ID, state.settings.images, images)
-    return await _respond(request, state, local, job)
+    job = to_edit_job(req, req.model or "auto", state.settings.images, images)
+    return await _run(request, state, "/v1/images/edits", job)

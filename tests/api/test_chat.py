@@ -38,7 +38,9 @@ def image_part(url: str, detail: str = "auto") -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def base_url(tiny_weights: Path) -> Iterator[str]:
-    with serve(create_app(Settings(weights_dir=tiny_weights))) as url:
+    settings = Settings(weights_dir=tiny_weights)
+    settings.vlm.aliases = ["gpt-4o", "gpt-4o-mini"]  # answered locally, no cloud configured
+    with serve(create_app(settings)) as url:
         yield url
 
 

@@ -154,7 +154,11 @@ def test_bad_input_through_the_sdk(client: openai.OpenAI) -> None:
         client.images.generate(prompt="x", n=11)
     assert exc.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
-        client.images.generate(prompt="x", model="dall-e-9")
+        client.images.generate(prompt="x", model="stable-diffusion-9")
+    # a cloud model on a server without that cloud's key: a clear 400, not a 500
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(prompt="x", model="gpt-image-1")
+    assert exc.value.body["code"] == "provider_not_configured"  # type: ignore[index]
 
 
 def test_malformed_json(base_url: str) -> None:

@@ -1,0 +1,303 @@
+"""The usage ledger: one row per request, in any SQLAlchemy database (SQLite by default).
+
+Daily budgets are read back from here rather than kept in memory, so a restart does not
+hand out a fresh day's allowance. Writes are small and synchronous; the server calls
+``record`` from a worker thread or directly.
+
+Times are stored as naive UTC (``UTCDateTime``) so that comparisons and ``date()`` mean the
+same thing on every backend; what comes back out is always timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    SQLColumnExpression,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+LOCAL_ROUTE = "local"
+TOTAL_BUDGET = "total"
+GROUPS = ("route", "model", "day", "endpoint", "key")
+# Floating-point slack when comparing money against a limit: 0.1 + 0.2 spent of a 0.3
+# budget is "exactly at the limit", not over it.
+_MONEY_EPS = 1e-9
+
+
+def _utc(at: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC, accepts aware or (UTC) naive values."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _utc(value).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _utc(value)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """What the server records, one per request."""
+
+    endpoint: str  # "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
+    model: str  # what the client asked for
+    route: str  # "local" | "openai" | "gemini"
+    upstream_model: str | None
+    outcome: str  # "ok" | "error" | "rejected"
+    status: int  # HTTP status returned to the client
+    images: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    device_seconds: float = 0.0
+    cost_usd: float = 0.0  # what this request cost where it ran (0 for failed upstream calls)
+    cloud_equivalent_usd: float = 0.0  # the same work on the default cloud provider
+    latency_ms: float = 0.0
+    queue_ms: float = 0.0
+    request_id: str | None = None
+    key_name: str | None = None
+    reason: str | None = None  # "explicit", "quality", "deadline", "failover", ...
+    at: datetime | None = None  # default: now (UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UsageRecord(Base):
+    __tablename__ = "usage"
+    __table_args__ = (
+        Index("ix_usage_at", "at"),
+        Index("ix_usage_route_at", "route", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    endpoint: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(255))
+    route: Mapped[str] = mapped_column(String(32))
+    upstream_model: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    device_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    cloud_equivalent_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    queue_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    key_name: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(String(255))
+
+
+def _day_bounds(now: datetime | None) -> tuple[datetime, datetime]:
+    """[UTC midnight of ``now``, the next UTC midnight)."""
+    day = _utc(now or datetime.now(UTC)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day, day + timedelta(days=1)
+
+
+class Ledger:
+    def __init__(self, url: str) -> None:
+        u = make_url(url)
+        self.url = u.render_as_string(hide_password=True)
+        self._sqlite = u.get_backend_name() == "sqlite"
+        db = u.database or ""
+        self._memory = self._sqlite and (
+            db in ("", ":memory:") or db.startswith("file::memory:")
+            or u.query.get("mode") == "memory")
+        # One in-process writer at a time: SQLite would serialize them anyway (busy_timeout),
+        # and the in-memory database is one shared connection, which must not interleave.
+        self._write_lock = threading.Lock()
+        if self._sqlite:
+            if not self._memory:
+                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+            if self._memory:
+                kwargs["poolclass"] = StaticPool
+            self.engine: Engine = create_engine(u, **kwargs)
+            event.listen(self.engine, "connect", self._sqlite_pragmas)
+        else:
+            self.engine = create_engine(u, pool_pre_ping=True)
+        Base.metadata.create_all(self.engine)
+
+    def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            if not self._memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=10000")
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        if self._memory:
+            with self._write_lock, Session(self.engine) as s:
+                yield s
+        else:
+            with Session(self.engine) as s:
+                yield s
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def record(self, row: UsageRow) -> int:
+        """Store one request; returns its id."""
+        rec = UsageRecord(
+            at=_utc(row.at) if row.at is not None else datetime.now(UTC),
+            endpoint=row.endpoint, model=row.model, route=row.route,
+            upstream_model=row.upstream_model, outcome=row.outcome, status=row.status,
+            images=row.images, prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens, device_seconds=row.device_seconds,
+            cost_usd=row.cost_usd, cloud_equivalent_usd=row.cloud_equivalent_usd,
+            latency_ms=row.latency_ms, queue_ms=row.queue_ms, request_id=row.request_id,
+            key_name=row.key_name, reason=row.reason)
+        with self._write_lock, Session(self.engine) as s, s.begin():
+            s.add(rec)
+            s.flush()
+            return rec.id
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def spent_today(self, route: str | None = None, *, now: datetime | None = None) -> float:
+        """USD spent on ``route`` (None: every route but local) during the UTC day of ``now``."""
+        start, end = _day_bounds(now)
+        q = select(func.coalesce(func.sum(UsageRecord.cost_usd), 0.0)).where(
+            UsageRecord.at >= start, UsageRecord.at < end)
+        if route is None:
+            q = q.where(UsageRecord.route != LOCAL_ROUTE)
+        else:
+            q = q.where(UsageRecord.route == route)
+        with self._read() as s:
+            return float(s.execute(q).scalar_one())
+
+    def spent_today_by_route(self, *, now: datetime | None = None) -> dict[str, float]:
+        """USD spent per route (local included) during the UTC day of ``now``."""
+        start, end = _day_bounds(now)
+        q = (select(UsageRecord.route, func.sum(UsageRecord.cost_usd))
+             .where(UsageRecord.at >= start, UsageRecord.at < end)
+             .group_by(UsageRecord.route))
+        with self._read() as s:
+            return {r: float(v or 0.0) for r, v in s.execute(q).all()}
+
+    def totals(self, *, since: datetime | None = None, until: datetime | None = None,
+               group_by: str = "route") -> list[dict[str, Any]]:
+        """Sums over [since, until), one dict per group, ordered by group.
+
+        ``group_by``: "route", "model", "day" (UTC, "YYYY-MM-DD"), "endpoint" or "key"
+        (the API key's name; None for unauthenticated requests).
+        """
+        col: SQLColumnExpression[Any]
+        if group_by == "route":
+            col = UsageRecord.route
+        elif group_by == "model":
+            col = UsageRecord.model
+        elif group_by == "endpoint":
+            col = UsageRecord.endpoint
+        elif group_by == "key":
+            col = UsageRecord.key_name
+        elif group_by == "day":
+            col = func.date(UsageRecord.at)
+        else:
+            raise ValueError(f"group_by must be one of {', '.join(GROUPS)}, not {group_by!r}")
+        g = col.label("grp")
+        q = select(
+            g,
+            func.count(UsageRecord.id),
+            func.sum(UsageRecord.images),
+            func.sum(UsageRecord.prompt_tokens),
+            func.sum(UsageRecord.completion_tokens),
+            func.sum(UsageRecord.device_seconds),
+            func.sum(UsageRecord.cost_usd),
+            func.sum(UsageRecord.cloud_equivalent_usd),
+        ).group_by(g).order_by(g)
+        if since is not None:
+            q = q.where(UsageRecord.at >= _utc(since))
+        if until is not None:
+            q = q.where(UsageRecord.at < _utc(until))
+        with self._read() as s:
+            result = s.execute(q).all()
+        out: list[dict[str, Any]] = []
+        for grp, n, images, ptok, ctok, dev_s, cost, cloud in result:
+            if isinstance(grp, date | datetime):  # backends whose date() returns a date
+                grp = grp.strftime("%Y-%m-%d")
+            cost_f, cloud_f = float(cost or 0.0), float(cloud or 0.0)
+            out.append({
+                "group": grp, "requests": int(n), "images": int(images or 0),
+                "prompt_tokens": int(ptok or 0), "completion_tokens": int(ctok or 0),
+                "device_seconds": float(dev_s or 0.0), "cost_usd": cost_f,
+                "cloud_equivalent_usd": cloud_f, "savings_usd": cloud_f - cost_f,
+            })
+        return out
+
+    def rows(self, limit: int = 100) -> list[UsageRow]:
+        """The latest ``limit`` rows, newest first."""
+        q = (select(UsageRecord)
+             .order_by(UsageRecord.at.desc(), UsageRecord.id.desc()).limit(limit))
+        with self._read() as s:
+            recs = s.execute(q).scalars().all()
+            return [UsageRow(
+                endpoint=r.endpoint, model=r.model, route=r.route,
+                upstream_model=r.upstream_model, outcome=r.outcome, status=r.status,
+                images=r.images, prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens, device_seconds=r.device_seconds,
+                cost_usd=r.cost_usd, cloud_equivalent_usd=r.cloud_equivalent_usd,
+                latency_ms=r.latency_ms, queue_ms=r.queue_ms, request_id=r.request_id,
+                key_name=r.key_name, reason=r.reason, at=r.at) for r in recs]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def within_budget(spent_by_route: dict[str, float], route: str, cost_estimate: float,
+                  budgets: dict[str, float]) -> bool:
+    """May ``cost_estimate`` more be spent on ``route`` today?
+
+    Checks the route's own daily budget (if it has one) and the "total" budget (if set),
+    which caps the sum over cloud routes: every route but "local" (a "total" key in
+    ``spent_by_route`` is ignored). Spending that lands exactly on a limit is allowed.
+    Routes without a budget entry are unlimited except for "total"; local work never
+    counts towards "total".
+    """
+    limit = budgets.get(route)
+    if limit is not None and spent_by_route.get(route, 0.0) + cost_estimate > limit + _MONEY_EPS:
+        return False
+    total = budgets.get(TOTAL_BUDGET)
+    if total is None or route == LOCAL_ROUTE:
+        return True
+    cloud = sum(v for r, v in spent_by_route.items() if r not in (LOCAL_ROUTE, TOTAL_BUDGET))
+    return cloud + cost_estimate <= total + _MONEY_EPS

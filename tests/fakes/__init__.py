@@ -1,0 +1,144 @@
+"""Fake cloud upstreams for tests: real HTTP on loopback, controllable failures.
+
+Each fake runs a FastAPI app under uvicorn in a background thread and records every
+call. Tests steer it between calls:
+
+    with running_fake_openai() as fake:
+        fake.set_mode("rate_limit")          # every call from now on
+        fake.queue_modes(["error503"] * 2)   # the next two calls, then back to fake.mode
+        ...
+        assert fake.calls[-1].headers["authorization"] == "Bearer sk-..."
+
+Modes: "ok", "rate_limit" (429 + Retry-After: ``retry_after``), "error500", "error503",
+"hang" (answers nothing for ``hang_s`` seconds), "malformed" (200, not JSON),
+"wrong_shape" (200, JSON of the wrong shape), "auth" (401/403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+MODES = ("ok", "rate_limit", "error500", "error503", "hang", "malformed", "wrong_shape", "auth")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as the fake saw it. Unpacks as ``(t, path, headers, body)``;
+    ``query`` (the query parameters) is an attribute only."""
+
+    t: float  # time.monotonic() on arrival
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: Any  # parsed JSON, or for multipart {field: value | [values]} with files as dicts
+    query: dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.t, self.path, self.headers, self.body))
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.t, self.path, self.headers, self.body)[index]
+
+
+class FakeUpstream:
+    """State shared by the fakes: the mode, the one-shot queue, the call log."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.mode = "ok"
+        self.retry_after = 7  # seconds, for "rate_limit"
+        self.hang_s = 10.0  # for "hang"; cut short when the fake stops
+        self.echo_key = False  # error messages repeat the key they got (a careless relay)
+        self.calls: list[Call] = []
+        self._queue: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        with self._lock:
+            self.mode = mode
+            self._queue.clear()
+
+    def queue_modes(self, modes: Iterable[str]) -> None:
+        """The next calls take these modes, one each; then ``mode`` again."""
+        modes = list(modes)
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}")
+        with self._lock:
+            self._queue.extend(modes)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.mode = "ok"
+            self._queue.clear()
+            self.calls.clear()
+
+    def calls_to(self, fragment: str) -> list[Call]:
+        return [c for c in self.calls if fragment in c.path]
+
+    def calls_between(self, start: float, end: float) -> list[Call]:
+        return [c for c in self.calls if start <= c.t < end]
+
+    # -- for the apps
+
+    def record(self, path: str, headers: dict[str, str], body: Any,
+               query: dict[str, str] | None = None) -> str:
+        """Log a call; return the mode it gets."""
+        with self._lock:
+            self.calls.append(Call(time.monotonic(), path, headers, body, dict(query or {})))
+            return self._queue.popleft() if self._queue else self.mode
+
+    async def hang(self) -> None:
+        deadline = time.monotonic() + self.hang_s
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            await asyncio.sleep(0.02)
+
+
+def png_b64(width: int, height: int, color: tuple[int, int, int] = (200, 60, 30)) -> str:
+    image = Image.new("RGB", (width, height), color)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def color_for(i: int) -> tuple[int, int, int]:
+    return ((40 + 70 * i) % 256, (90 + 50 * i) % 256, (160 + 30 * i) % 256)
+
+
+@contextmanager
+def run_app(app: FastAPI, fake: FakeUpstream) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port; yield its base URL."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("fake upstream did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        fake._stopping.set()
+        server.should_exit = True
+        thread.join(10)
