@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 import threading
 import time
 from collections import deque
@@ -120,11 +121,16 @@ def color_for(i: int) -> tuple[int, int, int]:
     return ((40 + 70 * i) % 256, (90 + 50 * i) % 256, (160 + 30 * i) % 256)
 
 
+def free_port() -> int:
+    """As tests.conftest's (not imported: that pulls in the pipelines)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextmanager
 def run_app(app: FastAPI, fake: FakeUpstream) -> Iterator[str]:
     """Serve ``app`` on a free loopback port; yield its base URL."""
-    from tests.conftest import free_port
-
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="off",
