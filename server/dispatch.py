@@ -28,18 +28,12 @@ from server.providers import pricing
 from server.providers.base import ChatJob, ChatOutcome, CloudProvider, OutImage, ProviderError
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
+from server.providers.openai import nearest_size
 from server.router import CLOUDS, CloudState, JobView, Policy, Route, Signals, cloud_of, decide
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Task = Literal["image", "vision"]
-GPT_IMAGE_SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))
-
-
-def gpt_image_size(width: int, height: int) -> str:
-    """The gpt-image size closest to the asked aspect ratio."""
-    w, h = min(GPT_IMAGE_SIZES, key=lambda s: abs(s[0] / s[1] - width / height))
-    return f"{w}x{h}"
 
 
 @dataclass
@@ -140,7 +134,7 @@ class Dispatcher:
         if provider == "gemini":
             return pricing.gemini_image_cost(prices, job.n)
         return pricing.openai_image_cost(prices, job.quality,
-                                         gpt_image_size(job.width, job.height), job.n)
+                                         nearest_size(job.width, job.height), job.n)
 
     def _chat_cost(self, provider: str, job: ChatJob, prompt: int, completion: int) -> float:
         model = self._upstream_model(provider, "vision", job.model)

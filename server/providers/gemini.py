@@ -152,6 +152,8 @@ class GeminiProvider:
         if isinstance(exc, ValueError):  # JSON that does not parse, a model that won't build
             return provider_error(self.name, "malformed",
                                   f"{where}invalid response ({type(exc).__name__})", secrets)
+        # Not a failure we know: say what it was (its type only; its text is not ours).
+        log.warning("%s %s raised an unexpected %s", self.name, op, type(exc).__name__)
         return provider_error(self.name, "server", f"{where}{type(exc).__name__}", secrets)
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:

@@ -55,9 +55,6 @@ def _gemini_server() -> Iterator[FakeGemini]:
 @pytest.fixture
 def fake_openai(_openai_server: FakeOpenAI) -> FakeOpenAI:
     _openai_server.reset()
-    _openai_server.echo_key = False
-    _openai_server.expected_key = None
-    _openai_server.retry_after = 7
     _openai_server.hang_s = 3.0
     return _openai_server
 
@@ -65,9 +62,6 @@ def fake_openai(_openai_server: FakeOpenAI) -> FakeOpenAI:
 @pytest.fixture
 def fake_gemini(_gemini_server: FakeGemini) -> FakeGemini:
     _gemini_server.reset()
-    _gemini_server.echo_key = False
-    _gemini_server.expected_key = None
-    _gemini_server.retry_after = 7
     _gemini_server.hang_s = 3.0
     return _gemini_server
 

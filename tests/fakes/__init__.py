@@ -11,7 +11,12 @@ call. Tests steer it between calls:
 
 Modes: "ok", "rate_limit" (429 + Retry-After: ``retry_after``), "error500", "error503",
 "hang" (answers nothing for ``hang_s`` seconds), "malformed" (200, not JSON),
-"wrong_shape" (200, JSON of the wrong shape), "auth" (401/403).
+"wrong_shape" (200, JSON of the wrong shape), "auth" (OpenAI 401, Gemini 403).
+Other knobs: ``retry_after``, ``hang_s``, ``echo_key`` (error messages repeat the key
+received, as a careless relay might), ``expected_key`` (refuse any other key).
+``reset()`` restores all of them and forgets the calls. ``fake.url`` is the root;
+an OpenAI client's base_url is ``fake.base_url`` (``{url}/v1``), an Azure endpoint is
+``fake.url``, a Gemini ``HttpOptions.base_url`` is ``fake.url``.
 """
 
 from __future__ import annotations
@@ -58,21 +63,25 @@ class FakeUpstream:
 
     def __init__(self) -> None:
         self.url = ""
-        self.mode = "ok"
-        self.retry_after = 7  # seconds, for "rate_limit"
-        self.hang_s = 10.0  # for "hang"; cut short when the fake stops
-        self.echo_key = False  # error messages repeat the key they got (a careless relay)
         self.calls: list[Call] = []
         self._queue: deque[str] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._defaults()
+
+    def _defaults(self) -> None:
+        self.mode = "ok"
+        self.retry_after = 7  # seconds, for "rate_limit"
+        self.hang_s = 10.0  # for "hang"; cut short when the fake stops
+        self.echo_key = False  # error messages repeat the key they got (a careless relay)
+        self.expected_key: str | None = None  # when set, any other key is refused
 
     def set_mode(self, mode: str) -> None:
+        """Every call from now on, once any queued modes are used up."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         with self._lock:
             self.mode = mode
-            self._queue.clear()
 
     def queue_modes(self, modes: Iterable[str]) -> None:
         """The next calls take these modes, one each; then ``mode`` again."""
@@ -84,8 +93,9 @@ class FakeUpstream:
             self._queue.extend(modes)
 
     def reset(self) -> None:
+        """Back to "ok" with the default knobs, and forget the calls."""
         with self._lock:
-            self.mode = "ok"
+            self._defaults()
             self._queue.clear()
             self.calls.clear()
 

@@ -56,7 +56,6 @@ def _text_of(content: dict[str, Any]) -> str:
 class FakeGemini(FakeUpstream):
     def __init__(self) -> None:
         super().__init__()
-        self.expected_key: str | None = None  # when set, other keys get 400 API_KEY_INVALID
         self.app = self._build()
 
     def _error(self, code: int, status: str, message: str,

@@ -21,7 +21,6 @@ _IMAGE_TOKENS = {"1024x1024": 1056, "1536x1024": 1584, "1024x1536": 1584}
 class FakeOpenAI(FakeUpstream):
     def __init__(self) -> None:
         super().__init__()
-        self.expected_key: str | None = None  # when set, other keys get 401
         self.app = self._build()
 
     @property
