@@ -314,3 +314,18 @@ def test_ledger_sums_equal_the_headers_and_failures_are_free(tiny_weights, devic
         assert all(row.cloud_equivalent_usd > 0 for row in rows)
     finally:
         ledger.close()
+
+
+def test_upstream_429_is_honoured(tiny_weights, device, weights, fakes, tmp_path) -> None:
+    oa, _ = fakes
+    oa.set_mode("rate_limit")
+    oa.retry_after = 30
+    with server(tiny_weights, device, weights, fakes, tmp_path / "l.db") as base:
+        first = gen(base, model="gpt-image-1")
+        assert first.headers["x-spillway-route"] == "local"  # failover, not an error
+        oa.set_mode("ok")
+        # within the upstream's Retry-After nothing more is sent, though it is healthy now
+        again = [gen(base, model="gpt-image-1") for _ in range(3)]
+        assert [r.headers["x-spillway-route"] for r in again] == ["local"] * 3
+        assert gen(base, quality="high").headers["x-spillway-route"] == "gemini"
+    assert len(oa.calls) == 1

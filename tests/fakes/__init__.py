@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import socket
 import threading
@@ -73,6 +74,7 @@ class FakeUpstream:
         self.mode = "ok"
         self.retry_after = 7  # seconds, for "rate_limit"
         self.hang_s = 10.0  # for "hang"; cut short when the fake stops
+        self.latency_s = 0.0  # every answer takes this long (a real upstream's ~2 s)
         self.echo_key = False  # error messages repeat the key they got (a careless relay)
         self.expected_key: str | None = None  # when set, any other key is refused
 
@@ -120,6 +122,7 @@ class FakeUpstream:
             await asyncio.sleep(0.02)
 
 
+@functools.lru_cache(maxsize=256)  # a fake under load should not spend the CPU on PNGs
 def png_b64(width: int, height: int, color: tuple[int, int, int] = (200, 60, 30)) -> str:
     image = Image.new("RGB", (width, height), color)
     buf = io.BytesIO()

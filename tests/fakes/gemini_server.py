@@ -3,6 +3,7 @@ loopback, with failure modes (see ``tests.fakes``)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Iterator
@@ -110,6 +111,8 @@ class FakeGemini(FakeUpstream):
         if mode == "hang":
             await self.hang()
             mode = "ok"
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         failure = self._failure(mode, key)
         if failure is not None:
             return failure

@@ -3,6 +3,7 @@ chat/completions, on loopback, with failure modes (see ``tests.fakes``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,8 @@ class FakeOpenAI(FakeUpstream):
         if mode == "hang":
             await self.hang()
             mode = "ok"
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         failure = self._failure(mode, key)
         if failure is not None:
             return failure

@@ -1,0 +1,172 @@
+"""Spillover bench: open-loop load at 3x local capacity, spilling on vs off, side by side.
+
+    .venv/bin/python -m scripts.spill_bench [--seconds 60] [--factor 3] [--size 256x256]
+
+The local engine is the served one (the tiny model unless real weights are present);
+OpenAI and Gemini are the loopback fakes from tests/fakes answering in ~2 s, with roomy
+rate limits and budgets (the bench measures the router, not the tier-1 limits). Arrivals
+are Poisson, independent of completions (open loop), each with a 1 s deadline header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import uvicorn
+from pydantic import SecretStr
+
+from server.app import create_app
+from server.bench import _free_port
+from server.config import (
+    GeminiSettings,
+    OpenAISettings,
+    RateLimit,
+    RouterSettings,
+    Settings,
+)
+from tests.fakes.gemini_server import running_fake_gemini
+from tests.fakes.openai_server import running_fake_openai
+
+
+@dataclass
+class Outcome:
+    latency_s: float
+    status: int
+    route: str
+    cost: float
+
+
+async def _open_loop(port: int, rate: float, seconds: float, body: dict[str, object],
+                     deadline_ms: float, closed: bool = False) -> list[Outcome]:
+    import httpx
+
+    out: list[Outcome] = []
+    headers = {"x-spillway-max-wait-ms": str(deadline_ms)}
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                 limits=limits) as http:
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            r = await http.post("/v1/images/generations", json=body, headers=headers)
+            out.append(Outcome(time.perf_counter() - t0, r.status_code,
+                               r.headers.get("x-spillway-route", "-"),
+                               float(r.headers.get("x-spillway-cost-usd", 0))))
+
+        if closed:  # capacity probe: 16 clients back to back
+            end = time.perf_counter() + seconds
+
+            async def client() -> None:
+                while time.perf_counter() < end:
+                    await one()
+
+            await asyncio.gather(*(client() for _ in range(16)))
+            return out
+        rng = random.Random(7)
+        tasks = []
+        start = time.perf_counter()
+        t = 0.0
+        while t < seconds:
+            t += rng.expovariate(rate)
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*tasks)
+    return out
+
+
+def _client(*args: object) -> list[Outcome]:
+    return asyncio.run(_open_loop(*args))  # type: ignore[arg-type]
+
+
+def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[str, object],
+                    deadline_ms: float, closed: bool = False) -> list[Outcome]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, chat_loader=None),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    import httpx
+
+    while True:
+        try:
+            if server.started and httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_client, port, rate, seconds, body, deadline_ms, closed).result()
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--factor", type=float, default=3.0, help="load / local capacity")
+    ap.add_argument("--size", default="512x512")
+    ap.add_argument("--deadline-ms", type=float, default=1000)
+    ap.add_argument("--upstream-latency-s", type=float, default=2.0)
+    args = ap.parse_args()
+    body: dict[str, object] = {"prompt": "a red bicycle", "size": args.size}
+    roomy = {m: RateLimit(per_minute=100_000, burst=100_000) for m in
+             ("gpt-image-1", "gemini-2.5-flash-image")}
+    with running_fake_openai() as oa, running_fake_gemini() as gm:
+        oa.latency_s = gm.latency_s = args.upstream_latency_s
+
+        def settings(spill: bool) -> Settings:
+            return Settings(
+                ledger_url="sqlite://",
+                openai=OpenAISettings(api_key=SecretStr("sk-bench-000000000000"),
+                                      base_url=f"{oa.url}/v1"),
+                gemini=GeminiSettings(api_key=SecretStr("bench-gemini-key"), base_url=gm.url),
+                router=RouterSettings(spill=spill, rate_limits=roomy,
+                                      daily_budget_usd={"total": 1e9}))
+
+        probe = _serve_and_load(settings(False), 0, 8, body, 86_400_000, closed=True)
+        capacity = len([o for o in probe if o.status == 200]) / 8
+        rate = capacity * args.factor
+        print(f"spill bench: local capacity {capacity:.1f} images/s at {args.size} "
+              f"(16 clients, 8 s); offered load {rate:.1f} req/s open loop for "
+              f"{args.seconds:g} s, deadline {args.deadline_ms:g} ms, fake clouds answer in "
+              f"{args.upstream_latency_s:g} s")
+        rows = []
+        for label, spill in (("spill on", True), ("spill off", False)):
+            outcomes = _serve_and_load(settings(spill), rate, args.seconds, body,
+                                       args.deadline_ms)
+            ok = [o for o in outcomes if o.status == 200]
+            routes = Counter(o.route for o in ok)
+            spilled = sum(n for r, n in routes.items() if r not in ("local", "-"))
+            rows.append((label, len(outcomes), len(ok), _pct([o.latency_s for o in ok], 0.5),
+                         _pct([o.latency_s for o in ok], 0.95),
+                         spilled / max(1, len(ok)), sum(o.cost for o in ok),
+                         len(outcomes) - len(ok)))
+        print(f"{'mode':<10}{'sent':>7}{'ok':>7}{'p50 ms':>9}{'p95 ms':>9}{'spilled':>9}"
+              f"{'cost $':>9}{'refused':>9}")
+        for label, sent, ok_n, p50, p95, share, cost, refused in rows:
+            print(f"{label:<10}{sent:>7}{ok_n:>7}{p50:>9.0f}{p95:>9.0f}{share:>9.0%}"
+                  f"{cost:>9.2f}{refused:>9}")
+        on, off = rows
+        print(f"p50 latency spill on / off: {on[3] / max(off[3], 1):.2f}x; "
+              f"requests refused: {on[7]} vs {off[7]}")
+
+
+if __name__ == "__main__":
+    main()
