@@ -59,6 +59,7 @@ class Pending(Generic[T]):
     enqueued: float
     deadline: float
     future: Future[Any] = field(default_factory=Future)
+    bulk: bool = False  # batch-job work: interactive items go first
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def split_expired(pending: Sequence[Pending[T]], now: float
 
 def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy) -> Decision:
     """Pick the next batch: the oldest item's shape, in arrival order, within budget.
+    Interactive items come before bulk ones: the oldest interactive item leads, and bulk
+    items of its shape fill what room is left.
 
     Closes when the batch is full (item count or pixel budget) or the oldest item has
     waited ``max_wait_s``; otherwise says how long to wait. The first item is always
@@ -104,12 +107,15 @@ def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy) -
     """
     if not pending:
         return Decision()
-    oldest = pending[0]
+    order = [i for i, p in enumerate(pending) if not p.bulk] + \
+        [i for i, p in enumerate(pending) if p.bulk]
+    oldest = pending[order[0]]
     key = oldest.item.shape_key
     take: list[int] = []
     pixels = 0
     full = False
-    for i, p in enumerate(pending):
+    for i in order:
+        p = pending[i]
         if p.item.shape_key != key:
             continue
         if take and (len(take) >= policy.max_batch
@@ -184,7 +190,8 @@ class Batcher(Generic[T, R]):
             self._thread.join(timeout)
 
     # -- admission -------------------------------------------------------------------
-    def submit(self, items: Sequence[T], timeout_s: float) -> list[Future[R]]:
+    def submit(self, items: Sequence[T], timeout_s: float, *, bulk: bool = False
+               ) -> list[Future[R]]:
         """Admit all items or none: a cheap check under the lock, no work done."""
         now = self._clock()
         with self._cond:
@@ -192,7 +199,7 @@ class Batcher(Generic[T, R]):
                 raise Closed("server is shutting down")
             if self._live_locked() + len(items) > self.policy.max_queue:
                 raise QueueFull(self._drain_s_locked(now))
-            entries = [Pending(item, now, now + timeout_s) for item in items]
+            entries = [Pending(item, now, now + timeout_s, bulk=bulk) for item in items]
             self._pending.extend(entries)
             self._cond.notify_all()
         return [e.future for e in entries]
@@ -204,19 +211,21 @@ class Batcher(Generic[T, R]):
             return Snapshot(self._live_locked(), running, self._rate.value,
                             self._batches, self._items_done)
 
-    def estimated_wait(self, items: Sequence[T]) -> float:
-        """Seconds until these items would be done if admitted now."""
+    def estimated_wait(self, items: Sequence[T], *, bulk: bool = False) -> float:
+        """Seconds until these items would be done if admitted now (interactive items
+        do not wait for queued bulk work)."""
         now = self._clock()
         with self._cond:
-            return self._drain_s_locked(now) + sum(self._seconds_for(i) for i in items)
+            return (self._drain_s_locked(now, include_bulk=bulk)
+                    + sum(self._seconds_for(i) for i in items))
 
     def _live_locked(self) -> int:
         """Queued items a client still waits for (a cancelled one is gone for good)."""
         return sum(1 for p in self._pending if not p.future.cancelled())
 
-    def _drain_s_locked(self, now: float) -> float:
+    def _drain_s_locked(self, now: float, include_bulk: bool = True) -> float:
         ahead = sum(self._seconds_for(p.item) for p in self._pending
-                    if not p.future.cancelled())
+                    if not p.future.cancelled() and (include_bulk or not p.bulk))
         if self._running:
             started, expected, _ = self._running
             ahead += max(0.0, started + expected - now)

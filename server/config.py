@@ -145,6 +145,7 @@ class RouterSettings(BaseModel):
     image_provider: str = Field("openai", description="preferred cloud for images")
     vision_provider: str = Field("openai", description="preferred cloud for vision chat")
     default_deadline_ms: float = Field(30_000, gt=0)
+    bulk_spill: bool = Field(False, description="may batch-job work spill to the cloud")
     local_failover: bool = Field(True, description="a local failure may retry on the cloud")
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)

@@ -106,7 +106,7 @@ class Dispatcher:
                 for name in CLOUDS}
 
     def _signals(self, task: Task, asked: str | None, local: LocalImages | LocalChat | None,
-                 items: list[object]) -> Signals:
+                 items: list[object], bulk: bool = False) -> Signals:
         total = self.settings.router.daily_budget_usd.get("total")
         spent = sum(v for k, v in self._spent_today().items() if k != "local")
         clouds = self._cloud_states(task, asked)
@@ -116,15 +116,20 @@ class Dispatcher:
         batcher = local.batcher
         snap = batcher.snapshot()
         room = snap.queued + len(items) <= batcher.policy.max_queue
-        return Signals(True, batcher.estimated_wait(items), room,  # type: ignore[arg-type]
+        return Signals(True, batcher.estimated_wait(items, bulk=bulk),  # type: ignore[arg-type]
+                       room,
                        batcher.estimated_wait([]), clouds,
                        None if total is None else total - spent)
 
-    def _policy(self, task: Task) -> Policy:
+    def _policy(self, task: Task, bulk: bool = False) -> Policy:
+        """Bulk (batch-job) work goes to the cloud only by explicit model, unless
+        ``router.bulk_spill`` says it may spill and take critical qualities there too."""
         r = self.settings.router
         local_ids = {"sdxl-turbo"} if task == "image" else {"local-vlm",
                                                             *self.settings.vlm.aliases}
-        return Policy(spill=r.spill, critical_qualities=frozenset(r.critical_qualities),
+        cloud_ok = not bulk or r.bulk_spill
+        return Policy(spill=r.spill and cloud_ok,
+                      critical_qualities=frozenset(r.critical_qualities if cloud_ok else ()),
                       preferred=r.image_provider if task == "image" else r.vision_provider,
                       local_ids=frozenset(local_ids))
 
@@ -168,12 +173,13 @@ class Dispatcher:
         return result
 
     # -- images ------------------------------------------------------------------------
-    async def images(self, job: ImageJob, deadline_s: float) -> tuple[list[OutImage], Served]:
+    async def images(self, job: ImageJob, deadline_s: float, *, bulk: bool = False
+                     ) -> tuple[list[OutImage], Served]:
         local = self.images_local
         costs = {p: self._image_cost(p, job) for p in CLOUDS}
         view = JobView("image", job.model, job.quality, deadline_s, costs)
-        route = decide(view, self._signals("image", job.model, local, job.items()),  # type: ignore[arg-type]
-                       self._policy("image"))
+        signals = self._signals("image", job.model, local, job.items(), bulk)  # type: ignore[arg-type]
+        route = decide(view, signals, self._policy("image", bulk))
         default_cloud = self.settings.router.image_provider
         equivalent = costs.get(default_cloud, 0.0)
         if route.where in CLOUDS:
@@ -185,7 +191,7 @@ class Dispatcher:
             raise _reject(route)
         assert local is not None
         try:
-            run = await local.generate(job)
+            run = await local.generate(job, bulk=bulk)
         except APIError as exc:
             fallback = self._cloud_after_local_failure(exc, view, "image", job.model)
             if fallback is None:
@@ -206,18 +212,20 @@ class Dispatcher:
                                       upstream_model=outcome.model)
 
     # -- chat --------------------------------------------------------------------------
-    def route_chat(self, job: ChatJob, deadline_s: float) -> tuple[Route, JobView]:
+    def route_chat(self, job: ChatJob, deadline_s: float, bulk: bool = False
+                   ) -> tuple[Route, JobView]:
         local = self.chat_local
         prompt = self._rough_prompt_tokens(job)
         costs = {p: self._chat_cost(p, job, prompt, job.max_tokens) for p in CLOUDS}
         # An alias (a cloud name the operator chose to answer locally) means local.
         asked = "local-vlm" if job.model in self.settings.vlm.aliases else job.model
         view = JobView("vision", asked, None, deadline_s, costs)
-        return decide(view, self._signals("vision", job.model, local, [to_item(job)]),
-                      self._policy("vision")), view
+        return decide(view, self._signals("vision", asked, local, [to_item(job)], bulk),
+                      self._policy("vision", bulk)), view
 
-    async def chat(self, job: ChatJob, deadline_s: float) -> tuple[ChatOutcome, Served]:
-        route, view = self.route_chat(job, deadline_s)
+    async def chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False
+                   ) -> tuple[ChatOutcome, Served]:
+        route, view = self.route_chat(job, deadline_s, bulk)
         local = self.chat_local
         if route.where in CLOUDS:
             try:
@@ -230,7 +238,7 @@ class Dispatcher:
         item = to_item(job)
         await check_context(local, item)
         try:
-            result, timing = await local.complete(item)
+            result, timing = await local.complete(item, bulk=bulk)
         except APIError as exc:
             fallback = self._cloud_after_local_failure(exc, view, "vision", job.model)
             if fallback is None:

@@ -61,9 +61,9 @@ class LocalImages:
     def close(self) -> None:
         self.batcher.close()
 
-    async def generate(self, job: ImageJob) -> LocalRun:
+    async def generate(self, job: ImageJob, *, bulk: bool = False) -> LocalRun:
         try:
-            futures = self.batcher.submit(job.items(), self.timeout_s)
+            futures = self.batcher.submit(job.items(), self.timeout_s, bulk=bulk)
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:

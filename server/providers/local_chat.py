@@ -42,18 +42,19 @@ class LocalChat:
     def close(self) -> None:
         self.batcher.close()
 
-    def _submit(self, item: ChatItem
+    def _submit(self, item: ChatItem, bulk: bool = False
                 ) -> tuple[asyncio.Future[ChatResult], concurrent.futures.Future[ChatResult]]:
         try:
-            (future,) = self.batcher.submit([item], self.timeout_s)
+            (future,) = self.batcher.submit([item], self.timeout_s, bulk=bulk)
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
             raise shutting_down() from exc
         return asyncio.wrap_future(future), future
 
-    async def complete(self, item: ChatItem) -> tuple[ChatResult, Timing | None]:
-        waiting, future = self._submit(item)
+    async def complete(self, item: ChatItem, *, bulk: bool = False
+                       ) -> tuple[ChatResult, Timing | None]:
+        waiting, future = self._submit(item, bulk)
         try:
             return await waiting, timing_of(future)
         except asyncio.CancelledError:

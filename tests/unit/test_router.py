@@ -147,3 +147,31 @@ def test_breaker_opens_cools_down_and_takes_one_trial() -> None:
     assert br.try_acquire()
     br.record_success()
     assert br.state == "closed" and br.try_acquire() and br.try_acquire()
+
+
+def test_interactive_items_go_before_bulk_ones() -> None:
+    from dataclasses import dataclass
+
+    from server.batcher import BatchPolicy, Pending, form_batch
+
+    @dataclass(frozen=True)
+    class It:
+        name: str
+        side: int
+
+        @property
+        def shape_key(self) -> int:
+            return self.side
+
+        @property
+        def pixels(self) -> int:
+            return self.side * self.side
+
+    pending = [Pending(It("bulk-a", 64), 0.0, 99, bulk=True),
+               Pending(It("bulk-b", 128), 0.1, 99, bulk=True),
+               Pending(It("live", 128), 0.2, 99),
+               Pending(It("bulk-c", 128), 0.3, 99, bulk=True)]
+    policy = BatchPolicy(max_batch=2, max_wait_s=0.0)
+    taken = [pending[i].item.name for i in form_batch(pending, 1.0, policy).take]
+    # the interactive item leads (its shape, 128) though bulk work is older; bulk fills in
+    assert taken == ["live", "bulk-b"]
