@@ -34,6 +34,7 @@ from server.router import CLOUDS, CloudState, JobView, Policy, Route, Signals, c
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Task = Literal["image", "vision"]
+BeforeSend = Callable[[str, str], Awaitable[None]]  # (provider, upstream model)
 
 
 @dataclass
@@ -151,13 +152,18 @@ class Dispatcher:
         return chars // 4 + 800 * len(job.images)
 
     # -- cloud calls --------------------------------------------------------------------
-    async def _on_cloud(self, provider: str, model: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _on_cloud(self, provider: str, model: str, call: Callable[[], Awaitable[T]],
+                        before_send: BeforeSend | None = None) -> T:
         breaker = self.breakers[provider]
         if not breaker.try_acquire():
             raise _Skip(f"{provider} circuit open")
         if not self.limiter.try_acquire(model):
             breaker.release()
             raise _Skip(f"{model} rate limit")
+        if before_send is not None:
+            # Durable batch items write down that they are about to go upstream, so a
+            # restart never sends one twice.
+            await before_send(provider, model)
         try:
             result = await call()
         except ProviderError as exc:
@@ -173,8 +179,8 @@ class Dispatcher:
         return result
 
     # -- images ------------------------------------------------------------------------
-    async def images(self, job: ImageJob, deadline_s: float, *, bulk: bool = False
-                     ) -> tuple[list[OutImage], Served]:
+    async def images(self, job: ImageJob, deadline_s: float, *, bulk: bool = False,
+                     before_send: BeforeSend | None = None) -> tuple[list[OutImage], Served]:
         local = self.images_local
         costs = {p: self._image_cost(p, job) for p in CLOUDS}
         view = JobView("image", job.model, job.quality, deadline_s, costs)
@@ -184,7 +190,8 @@ class Dispatcher:
         equivalent = costs.get(default_cloud, 0.0)
         if route.where in CLOUDS:
             try:
-                return await self._images_on_cloud(route.where, job, route.reason, equivalent)
+                return await self._images_on_cloud(route.where, job, route.reason, equivalent,
+                                                   before_send)
             except (ProviderError, _Skip) as exc:
                 route = self._after_cloud_failure(exc, local)
         if route.where == "reject":
@@ -196,18 +203,20 @@ class Dispatcher:
             fallback = self._cloud_after_local_failure(exc, view, "image", job.model)
             if fallback is None:
                 raise
-            return await self._images_on_cloud(fallback, job, "local-failure", equivalent)
+            return await self._images_on_cloud(fallback, job, "local-failure", equivalent,
+                                               before_send)
         served = Served("local", route.reason, pricing.local_cost(self.settings.prices,
                                                                   run.device_s),
                         equivalent, run.queue_s * 1000, run.device_s)
         return run.images, served
 
     async def _images_on_cloud(self, provider: str, job: ImageJob, reason: str,
-                               equivalent: float) -> tuple[list[OutImage], Served]:
+                               equivalent: float, before_send: BeforeSend | None = None
+                               ) -> tuple[list[OutImage], Served]:
         model = self._upstream_model(provider, "image", job.model)
         cloud = self.providers[provider]
         call = cloud.edit_images if job.init_images else cloud.generate_images
-        outcome = await self._on_cloud(provider, model, lambda: call(job, model))
+        outcome = await self._on_cloud(provider, model, lambda: call(job, model), before_send)
         return outcome.images, Served(provider, reason, outcome.cost_usd, equivalent,
                                       upstream_model=outcome.model)
 
@@ -223,13 +232,13 @@ class Dispatcher:
         return decide(view, self._signals("vision", asked, local, [to_item(job)], bulk),
                       self._policy("vision", bulk)), view
 
-    async def chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False
-                   ) -> tuple[ChatOutcome, Served]:
+    async def chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False,
+                   before_send: BeforeSend | None = None) -> tuple[ChatOutcome, Served]:
         route, view = self.route_chat(job, deadline_s, bulk)
         local = self.chat_local
         if route.where in CLOUDS:
             try:
-                return await self.chat_on_cloud(route.where, job, route.reason)
+                return await self.chat_on_cloud(route.where, job, route.reason, before_send)
             except (ProviderError, _Skip) as exc:
                 route = self._after_cloud_failure(exc, local)
         if route.where == "reject":
@@ -243,7 +252,7 @@ class Dispatcher:
             fallback = self._cloud_after_local_failure(exc, view, "vision", job.model)
             if fallback is None:
                 raise
-            return await self.chat_on_cloud(fallback, job, "local-failure")
+            return await self.chat_on_cloud(fallback, job, "local-failure", before_send)
         outcome = ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
                               result.completion_tokens, local.model_id, 0.0)
         return outcome, self.local_chat_served(route.reason, job, outcome, timing)
@@ -259,11 +268,13 @@ class Dispatcher:
                       queue_s * 1000, device_s, None, outcome.prompt_tokens,
                       outcome.completion_tokens)
 
-    async def chat_on_cloud(self, provider: str, job: ChatJob, reason: str
+    async def chat_on_cloud(self, provider: str, job: ChatJob, reason: str,
+                            before_send: BeforeSend | None = None
                             ) -> tuple[ChatOutcome, Served]:
         model = self._upstream_model(provider, "vision", job.model)
         cloud = self.providers[provider]
-        outcome = await self._on_cloud(provider, model, lambda: cloud.chat(job, model))
+        outcome = await self._on_cloud(provider, model, lambda: cloud.chat(job, model),
+                                       before_send)
         default_cloud = self.settings.router.vision_provider
         equivalent = self._chat_cost(default_cloud, job, outcome.prompt_tokens,
                                      outcome.completion_tokens)
