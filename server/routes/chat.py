@@ -62,9 +62,8 @@ async def _load_images(refs: list[ImageRef], state: AppState) -> list[Image.Imag
     return list(await asyncio.gather(*(one(ref) for ref in refs)))
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, state: State) -> Response:
-    dispatcher = state.require_dispatcher()
+async def chat_job_from(body: ChatRequest, state: AppState) -> ChatJob:
+    """Check a chat request and take its images in; shared with durable batch jobs."""
     # 1. Cheap checks first: nothing is fetched or decoded for a request that will fail.
     _check_model(state, body.model)
     parsed = parse_messages(body.messages)
@@ -75,12 +74,18 @@ async def chat_completions(body: ChatRequest, request: Request, state: State) ->
     vlm = state.settings.vlm
     max_tokens = max_tokens_of(body, vlm.default_max_tokens, vlm.max_tokens_cap)
     stops = stop_strings(body.stop)
-    deadline = deadline_s(request, state)
     # 2. Images in, through the one intake path.
     images = await _load_images(parsed.images, state)
     temperature = 1.0 if body.temperature is None else body.temperature
-    job = ChatJob(body.model, parsed.messages, images, max_tokens, temperature,
-                  body.top_p or 1.0, stops, body.seed)
+    return ChatJob(body.model, parsed.messages, images, max_tokens, temperature,
+                   body.top_p or 1.0, stops, body.seed)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, state: State) -> Response:
+    dispatcher = state.require_dispatcher()
+    job = await chat_job_from(body, state)
+    deadline = deadline_s(request, state)
     cid = completion_id()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     local = dispatcher.chat_local
