@@ -9,17 +9,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from pipelines.base import pick_device
 from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
 from pipelines.vlm import VisionLanguageModel
 from server import errors
+from server.auth import authenticate
 from server.batcher import BatchPolicy
 from server.config import Settings
 from server.dispatch import Dispatcher
 from server.image_store import ImageStore
+from server.keys import KeyStore
 from server.ledger import Ledger
 from server.middleware import RequestContext
 from server.providers.base import CloudProvider
@@ -141,8 +143,9 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.dispatcher = Dispatcher(settings, build_providers(settings),
-                                      Ledger(settings.ledger_url))
+        ledger = Ledger(settings.ledger_url)
+        state.dispatcher = Dispatcher(settings, build_providers(settings), ledger)
+        state.keys = KeyStore(ledger)
         log.info("cloud providers: %s; ledger: %s",
                  ", ".join(state.dispatcher.providers) or "none (local only)",
                  settings.ledger_url.split("://")[0])
@@ -172,7 +175,8 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     app.state.spillway = state
     errors.install(app)
     app.include_router(ops.router)
-    app.include_router(images.router)
-    app.include_router(chat.router)
+    app.include_router(images.public_router)
+    app.include_router(images.router, dependencies=[Depends(authenticate)])
+    app.include_router(chat.router, dependencies=[Depends(authenticate)])
     app.add_middleware(RequestContext, max_body=int(settings.max_body_mb * 2**20))
     return app

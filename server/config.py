@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     router: RouterSettings = RouterSettings()
     prices: Prices = Prices()
     ledger_url: str = Field("sqlite:///data/ledger.db", description="any SQLAlchemy URL")
+    admin_key: SecretStr | None = Field(
+        None, description="always accepted; sees every key's usage")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish requests")
 
 
 @lru_cache(maxsize=1)

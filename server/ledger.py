@@ -208,8 +208,18 @@ class Ledger:
         with self._read() as s:
             return {r: float(v or 0.0) for r, v in s.execute(q).all()}
 
+    def used_today(self, key_name: str, *, now: datetime | None = None) -> tuple[int, float]:
+        """(images, USD) this API key has used since UTC midnight: its quota's reading."""
+        start, end = _day_bounds(now)
+        q = select(func.sum(UsageRecord.images), func.sum(UsageRecord.cost_usd)).where(
+            UsageRecord.key_name == key_name, UsageRecord.at >= start, UsageRecord.at < end)
+        with self._read() as s:
+            images, cost = s.execute(q).one()
+        return int(images or 0), float(cost or 0.0)
+
     def totals(self, *, since: datetime | None = None, until: datetime | None = None,
-               group_by: str = "route") -> list[dict[str, Any]]:
+               group_by: str = "route", only_key: str | None = None
+               ) -> list[dict[str, Any]]:
         """Sums over [since, until), one dict per group, ordered by group.
 
         ``group_by``: "route", "model", "day" (UTC, "YYYY-MM-DD"), "endpoint" or "key"
@@ -243,6 +253,8 @@ class Ledger:
             q = q.where(UsageRecord.at >= _utc(since))
         if until is not None:
             q = q.where(UsageRecord.at < _utc(until))
+        if only_key is not None:
+            q = q.where(UsageRecord.key_name == only_key)
         with self._read() as s:
             result = s.execute(q).all()
         out: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ from server.config import Settings
 from server.dispatch import Dispatcher
 from server.errors import APIError
 from server.image_store import ImageStore
+from server.keys import KeyStore
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 
@@ -27,6 +28,8 @@ class AppState:
     load_error: str | None = None
     loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     dispatcher: Dispatcher | None = None
+    keys: KeyStore | None = None
+    shutting_down: bool = False
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:
@@ -35,6 +38,8 @@ class AppState:
 
     @property
     def ready(self) -> bool:
+        if self.shutting_down:
+            return False
         return ((self.images is not None or not self.images_enabled)
                 and (self.chat is not None or not self.chat_enabled))
 

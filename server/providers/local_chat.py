@@ -63,7 +63,8 @@ class LocalChat:
         except Exception as exc:
             raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
 
-    async def stream(self, item: ChatItem) -> AsyncIterator[StreamEvent]:
+    async def stream(self, item: ChatItem, *, bulk: bool = False
+                     ) -> AsyncIterator[StreamEvent]:
         """Admit now (errors raise before any byte is sent), then yield text as it comes."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
@@ -72,7 +73,7 @@ class LocalChat:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         gone = threading.Event()
-        waiting, future = self._submit(replace(item, on_text=on_text, cancel=gone))
+        waiting, future = self._submit(replace(item, on_text=on_text, cancel=gone), bulk)
         return self._drain(waiting, future, pieces, gone)
 
     async def _drain(self, waiting: asyncio.Future[ChatResult],

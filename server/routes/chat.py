@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipelines.vlm import ChatResult, fit_pixels
 from server import media
+from server.auth import caller_of, check_quota
 from server.dispatch import check_context, to_item
 from server.errors import APIError, bad_request, model_not_found
 from server.protocol_chat import (
@@ -89,12 +90,14 @@ async def chat_completions(body: ChatRequest, request: Request, state: State) ->
     cid = completion_id()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     local = dispatcher.chat_local
+    caller = caller_of(request)
     if body.stream and local is not None:
-        route, _ = dispatcher.route_chat(job, deadline)
+        route, _ = dispatcher.route_chat(job, deadline, caller.bulk)
         if route.where == "local":  # token by token from the local batch
+            await check_quota(state, caller)
             item = to_item(job)
             await check_context(local, item)
-            events = await local.stream(item)
+            events = await local.stream(item, bulk=caller.bulk)
             return StreamingResponse(
                 _sse_local(events, cid, body.model, include_usage, request, state, job,
                            route.reason),
@@ -102,8 +105,8 @@ async def chat_completions(body: ChatRequest, request: Request, state: State) ->
                 headers={"x-spillway-route": "local", "Cache-Control": "no-cache"})
     async with accounted(request, state, "/v1/chat/completions", body.model) as account:
         try:
-            outcome, served = await unless_disconnected(request,
-                                                        dispatcher.chat(job, deadline))
+            outcome, served = await unless_disconnected(
+                request, dispatcher.chat(job, deadline, bulk=account.bulk))
         except ClientGone:
             account.status, account.outcome = 499, "cancelled"
             return Response(status_code=499)
@@ -133,7 +136,8 @@ async def _sse_local(events: AsyncIterator[StreamEvent], cid: str, model: str,
                      include_usage: bool, request: Request, state: AppState, job: ChatJob,
                      reason: str) -> AsyncIterator[str]:
     created = int(time.time())
-    account = Account("/v1/chat/completions", model)
+    caller = caller_of(request)
+    account = Account("/v1/chat/completions", model, caller.name, caller.bulk)
     yield chunk(cid, model, created, {"role": "assistant", "content": ""},
                 with_usage=include_usage)
     try:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from server.auth import caller_of, check_quota
 from server.dispatch import Served
 from server.errors import APIError, bad_request
 from server.ledger import UsageRow
@@ -65,6 +66,8 @@ class Account:
 
     endpoint: str
     model: str
+    key_name: str | None = None
+    bulk: bool = False  # the caller's key runs at bulk priority
     images: int = 0
     served: Served | None = None
     status: int = 200
@@ -73,11 +76,14 @@ class Account:
 
 
 @asynccontextmanager
-async def accounted(request: Request, state: AppState, endpoint: str, model: str | None
-                    ) -> AsyncIterator[Account]:
-    """One ledger row per request: what ran where, what it cost, or how it failed."""
-    account = Account(endpoint, model or "auto")
+async def accounted(request: Request, state: AppState, endpoint: str, model: str | None,
+                    images: int = 0) -> AsyncIterator[Account]:
+    """One ledger row per request: what ran where, what it cost, or how it failed.
+    The caller's quota is checked first."""
+    caller = caller_of(request)
+    account = Account(endpoint, model or "auto", caller.name, caller.bulk, images)
     try:
+        await check_quota(state, caller, images)
         yield account
     except APIError as err:
         account.status = err.status
@@ -105,5 +111,6 @@ def row_for(request: Request, account: Account) -> UsageRow:
         latency_ms=(time.monotonic() - account.started) * 1000,
         queue_ms=served.queue_ms if served else 0.0,
         request_id=getattr(request.state, "request_id", None),
+        key_name=account.key_name,
         reason=served.reason if served else None,
     )

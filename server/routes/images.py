@@ -31,6 +31,9 @@ from server.routes.common import ClientGone, accounted, deadline_s, unless_disco
 from server.state import AppState, State
 
 router = APIRouter()
+# The ids of `url` images are 144 random bits: the URL itself is the credential, so a
+# browser or an <img> tag can fetch it without the API key.
+public_router = APIRouter()
 
 LOCAL_ALIASES = {None, "", "auto", MODEL_ID}
 
@@ -49,11 +52,11 @@ def check_image_model(model: str | None) -> None:
 
 async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) -> Response:
     dispatcher = state.require_dispatcher()
-    async with accounted(request, state, endpoint, job.model) as account:
-        account.images = job.n
+    async with accounted(request, state, endpoint, job.model, job.n) as account:
         try:
             images, served = await unless_disconnected(
-                request, dispatcher.images(job, deadline_s(request, state)))
+                request, dispatcher.images(job, deadline_s(request, state),
+                                           bulk=account.bulk))
         except ClientGone:
             account.status, account.outcome = 499, "cancelled"
             return Response(status_code=499)
@@ -76,7 +79,7 @@ def _respond(request: Request, state: AppState, job: ImageJob, images: list[OutI
     return JSONResponse(images_response(job, data), headers=served.headers())
 
 
-@router.get("/v1/images/{image_id}")
+@public_router.get("/v1/images/{image_id}")
 async def get_image(image_id: str, state: State) -> Response:
     stored = state.store.get(image_id)
     if stored is None:

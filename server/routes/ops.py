@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from server.auth import authenticate
 from server.state import State
 
 router = APIRouter()
@@ -26,7 +27,7 @@ async def readyz(state: State) -> JSONResponse:
     return JSONResponse({"status": "ready", "models": models})
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(authenticate)])
 async def list_models(state: State) -> dict[str, Any]:
     data = []
     for local in (state.images, state.chat):
