@@ -27,7 +27,7 @@ from server.middleware import RequestContext
 from server.providers.base import CloudProvider
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
-from server.routes import chat, images, ops
+from server.routes import chat, images, ops, usage
 from server.state import AppState
 
 log = logging.getLogger("spillway")
@@ -178,5 +178,6 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     app.include_router(images.public_router)
     app.include_router(images.router, dependencies=[Depends(authenticate)])
     app.include_router(chat.router, dependencies=[Depends(authenticate)])
+    app.include_router(usage.router, dependencies=[Depends(authenticate)])
     app.add_middleware(RequestContext, max_body=int(settings.max_body_mb * 2**20))
     return app

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from server.config import Settings
 
+if TYPE_CHECKING:
+    from server.keys import KeyStore
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Spillway: a self-hosted image server speaking the OpenAI API.")
 weights_app = typer.Typer(no_args_is_help=True, help="Make, fetch and list model weights.")
 app.add_typer(weights_app, name="weights")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create, list, revoke.")
+app.add_typer(keys_app, name="keys")
 
 WeightsDir = Annotated[Path | None, typer.Option(
     "--weights-dir", help="default: SPILLWAY_WEIGHTS_DIR or ./weights")]
@@ -41,8 +46,20 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     settings = _settings(host=host, port=port, weights_dir=weights_dir)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+    app_ = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # SIGTERM/SIGINT: report not-ready and refuse new work at once; uvicorn then
+            # stops accepting, lets in-flight requests finish within the grace period, and
+            # the lifespan leaves unfinished batch items for the next start.
+            app_.state.spillway.shutting_down = True
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(app_, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+    Server(config).run()
 
 
 @app.command()
@@ -175,6 +192,84 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
         bench_mod.sweep(settings, sizes, size, steps)
     else:
         bench_mod.compare(settings, clients=clients, requests=requests, size=size, steps=steps)
+
+
+def _keystore() -> KeyStore:
+    from server.keys import KeyStore
+    from server.ledger import Ledger
+
+    return KeyStore(Ledger(_settings().ledger_url))
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option("--name")],
+                daily_images: Annotated[int | None, typer.Option(min=0)] = None,
+                daily_usd: Annotated[float | None, typer.Option(min=0)] = None,
+                priority: Annotated[str, typer.Option(help="interactive or bulk")]
+                = "interactive") -> None:
+    """Make a key; it is printed once and stored only as a hash."""
+    if priority not in ("interactive", "bulk"):
+        raise _fail(f"priority must be interactive or bulk, not {priority!r}")
+    try:
+        key = _keystore().create(name, daily_images=daily_images, daily_usd=daily_usd,
+                                 priority=priority)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(key)
+    typer.echo(f"key {name!r} created; it is shown only now. Requests must now send "
+               "'Authorization: Bearer <key>'.", err=True)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Keys, their quotas and today's use (never the keys themselves)."""
+    from server.keys import KeyStore
+    from server.ledger import Ledger
+
+    ledger = Ledger(_settings().ledger_url)
+    rows = KeyStore(ledger).list()
+    if not rows:
+        typer.echo("no keys: the server is open to anyone who can reach it")
+        return
+    typer.echo(f"{'name':<20}{'key':<16}{'priority':<13}{'images today':>14}"
+               f"{'usd today':>11}  status")
+    for k in rows:
+        used_images, used_usd = ledger.used_today(k.name)
+        images = (f"{used_images}/{k.daily_images}" if k.daily_images is not None
+                  else str(used_images))
+        usd = f"{used_usd:.2f}/{k.daily_usd:.2f}" if k.daily_usd is not None else f"{used_usd:.2f}"
+        status = "active" if k.revoked_at is None else f"revoked {k.revoked_at:%Y-%m-%d}"
+        typer.echo(f"{k.name:<20}{k.shown:<16}{k.priority:<13}{images:>14}{usd:>11}  {status}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Revoke a key by name (takes effect within seconds on a running server)."""
+    if not _keystore().revoke(name):
+        raise _fail(f"no active key named {name!r}")
+    typer.echo(f"revoked {name!r}")
+
+
+@app.command()
+def usage(group_by: Annotated[str, typer.Option(
+              help="key, route, model, day or endpoint")] = "route",
+          days: Annotated[float, typer.Option(help="how far back")] = 1.0) -> None:
+    """Totals from the ledger: images, tokens, device-seconds, cost, savings vs all-cloud."""
+    from datetime import UTC, datetime, timedelta
+
+    from server.ledger import GROUPS, Ledger
+
+    if group_by not in GROUPS:
+        raise _fail(f"group-by must be one of {', '.join(GROUPS)}")
+    ledger = Ledger(_settings().ledger_url)
+    rows = ledger.totals(since=datetime.now(UTC) - timedelta(days=days), group_by=group_by)
+    typer.echo(f"{group_by:<24}{'requests':>9}{'images':>8}{'tokens':>9}{'device s':>10}"
+               f"{'cost $':>10}{'all-cloud $':>12}{'saved $':>10}")
+    for r in rows:
+        tokens = r["prompt_tokens"] + r["completion_tokens"]
+        typer.echo(f"{str(r['group']):<24}{r['requests']:>9}{r['images']:>8}{tokens:>9}"
+                   f"{r['device_seconds']:>10.1f}{r['cost_usd']:>10.4f}"
+                   f"{r['cloud_equivalent_usd']:>12.4f}{r['savings_usd']:>10.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m server.cli`

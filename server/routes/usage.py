@@ -1,0 +1,54 @@
+"""GET /v1/usage: totals over a time range, grouped by key, route, model, day or endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from server.auth import caller_of
+from server.errors import bad_request
+from server.ledger import GROUPS
+from server.state import State
+
+router = APIRouter()
+
+
+def parse_time(value: str | None, param: str) -> datetime | None:
+    """Unix seconds or an ISO date/time (UTC when no zone is given)."""
+    if value in (None, ""):
+        return None
+    assert value is not None
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise bad_request(f"{param} must be unix seconds or an ISO date, not {value[:40]!r}.",
+                          param=param) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@router.get("/v1/usage")
+async def usage(request: Request, state: State, start: str | None = None,
+                end: str | None = None, group_by: str = "route") -> dict[str, Any]:
+    if group_by not in GROUPS:
+        raise bad_request(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
+    since = parse_time(start, "start") or datetime.now(UTC) - timedelta(days=1)
+    until = parse_time(end, "end")
+    caller = caller_of(request)
+    # A team's key sees its own usage; the admin key (or an open server) sees everyone's.
+    only_key = caller.name if caller.key is not None else None
+    ledger = state.require_dispatcher().ledger
+    rows = [] if ledger is None else await asyncio.to_thread(
+        ledger.totals, since=since, until=until, group_by=group_by, only_key=only_key)
+    keys = ("requests", "images", "prompt_tokens", "completion_tokens", "device_seconds",
+            "cost_usd", "cloud_equivalent_usd", "savings_usd")
+    total = {k: sum(r[k] for r in rows) for k in keys}
+    return {"object": "list", "group_by": group_by, "start": since.isoformat(),
+            "end": until.isoformat() if until else None, "key": only_key,
+            "data": rows, "total": total}
