@@ -221,17 +221,12 @@ def _int(fields: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     value = fields.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    number: int
-    if isinstance(value, bool):
+    whole = (isinstance(value, int) and not isinstance(value, bool)
+             or isinstance(value, float) and value.is_integer()
+             or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value))
+    if not whole:
         raise _Bad(f"{key} {value!r} is not an integer")
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        number = int(value)
-    else:
-        raise _Bad(f"{key} {value!r} is not an integer")
+    number = int(value)
     if not lo <= number <= hi:
         raise _Bad(f"{key} {number} is outside {lo}..{hi}")
     return number
@@ -423,6 +418,11 @@ class _Reporter:
         self._width = 0
         self._drawn_at = 0.0
 
+    def restart(self) -> None:
+        """Rates count from here (after the model has loaded)."""
+        with self.lock:
+            self.start = time.monotonic()
+
     def say(self, message: str) -> None:
         with self.lock:
             self._clear()
@@ -573,7 +573,7 @@ class _Writer:
                                    cost_usd=local_cost(prices, seconds / len(outs)),
                                    latency_ms=seconds * 1000, width=image.width,
                                    height=image.height, seed=out.seed)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            except BaseException as exc:  # handed to the main thread
                 self.error = exc
 
     def put(self, outs: list[Output], images: list[Image.Image], seconds: float) -> None:
@@ -627,6 +627,7 @@ def _run_local(pending: list[Output], settings: Settings, batch_size: int,
         engine, _ = load_engine(settings)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise BulkError(str(exc)) from exc
+    sink.reporter.restart()
     writer = _Writer(sink)
     interrupted = False
     try:
