@@ -21,13 +21,13 @@ from server.batcher import BatchPolicy
 from server.config import Settings
 from server.dispatch import Dispatcher
 from server.image_store import ImageStore
+from server.jobs import BatchService
 from server.keys import KeyStore
 from server.ledger import Ledger
-from server.middleware import RequestContext
 from server.providers.base import CloudProvider
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
-from server.routes import chat, images, ops, usage
+from server.routes import batches, chat, images, ops, usage
 from server.state import AppState
 
 log = logging.getLogger("spillway")
@@ -146,6 +146,8 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
         ledger = Ledger(settings.ledger_url)
         state.dispatcher = Dispatcher(settings, build_providers(settings), ledger)
         state.keys = KeyStore(ledger)
+        state.batches = BatchService(state)
+        await state.batches.start()
         log.info("cloud providers: %s; ledger: %s",
                  ", ".join(state.dispatcher.providers) or "none (local only)",
                  settings.ledger_url.split("://")[0])
@@ -162,6 +164,8 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
         try:
             yield
         finally:
+            # Batch items in flight finish on the models; pending ones wait for next start.
+            await state.batches.stop()
             for task in state.loaders:
                 task.cancel()
             for local in (state.images, state.chat):
@@ -179,5 +183,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     app.include_router(images.router, dependencies=[Depends(authenticate)])
     app.include_router(chat.router, dependencies=[Depends(authenticate)])
     app.include_router(usage.router, dependencies=[Depends(authenticate)])
-    app.add_middleware(RequestContext, max_body=int(settings.max_body_mb * 2**20))
+    app.include_router(batches.router, dependencies=[Depends(authenticate)])
+    # RequestContext, with the Files API's larger body cap on POST /v1/files only.
+    app.add_middleware(batches.UploadBodyLimit, max_body=int(settings.max_body_mb * 2**20))
     return app

@@ -338,10 +338,13 @@ def plan_rows(input_path: Path, settings: Settings, out_dir: Path, server_mode: 
 
 # -- output folder --------------------------------------------------------------------
 def _remove_partials(out_dir: Path) -> None:
-    for leftover in out_dir.rglob(f"*{PARTIAL}"):
-        with contextlib.suppress(OSError):
-            if leftover.is_file() and not leftover.is_symlink():
-                leftover.unlink()
+    """Leftovers of an interrupted write; symlinked folders are not followed."""
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            leftover = Path(folder) / name
+            if name.endswith(PARTIAL) and not leftover.is_symlink():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
 
 def load_manifest(out_dir: Path) -> dict[tuple[int, int], dict[str, Any]]:
@@ -417,6 +420,7 @@ class _Reporter:
         self.lock = threading.RLock()
         self._width = 0
         self._drawn_at = 0.0
+        self._drawn = (-1, -1)
 
     def restart(self) -> None:
         """Rates count from here (after the model has loaded)."""
@@ -440,6 +444,7 @@ class _Reporter:
         if not self.progress:
             return
         self._drawn_at = now
+        self._drawn = (self.done, self.failed)
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         left = self.total - self.done - self.failed
@@ -460,7 +465,8 @@ class _Reporter:
     def finish(self) -> None:
         with self.lock:
             if self.progress and self._width:
-                self._draw(time.monotonic())
+                if self._drawn != (self.done, self.failed):
+                    self._draw(time.monotonic())
                 sys.stderr.write("\n")
                 sys.stderr.flush()
                 self._width = 0
@@ -503,22 +509,36 @@ class _Sink:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-                record = {"line": out.row.line, "index": out.index, "input": out.row.input,
-                          "file": out.file, "seed": seed, "width": width, "height": height,
-                          "model": model, "route": route, "cost_usd": round(cost_usd, 8),
-                          "latency_ms": round(latency_ms, 1)}
-                self.manifest.write(json.dumps(record) + "\n")
-                self.manifest.flush()
-                os.fsync(self.manifest.fileno())
-            except OSError as exc:
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                # this name clashes with a folder or file in the way: this image only
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                clash: OSError | None = exc
+            except OSError as exc:  # disk full, permissions: nothing more can be written
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
                 self.closed = True
                 raise BulkError(f"cannot write {path}: {exc}") from exc
-            self.summary.written += 1
-            self.summary.cost_usd += cost_usd
-            self.summary.cloud_cost_usd += cloud
-        self.reporter.count(written=1)
+            else:
+                clash = None
+                record = {"line": out.row.line, "index": out.index, "input": out.row.input,
+                          "file": out.file, "seed": seed, "width": width, "height": height,
+                          "model": model, "route": route, "cost_usd": round(cost_usd, 8),
+                          "latency_ms": round(latency_ms, 1)}
+                try:
+                    self.manifest.write(json.dumps(record) + "\n")
+                    self.manifest.flush()
+                    os.fsync(self.manifest.fileno())
+                except OSError as exc:
+                    self.closed = True
+                    raise BulkError(f"cannot write {self.out_dir / MANIFEST}: {exc}") from exc
+                self.summary.written += 1
+                self.summary.cost_usd += cost_usd
+                self.summary.cloud_cost_usd += cloud
+        if clash is not None:
+            self.fail([out], f"cannot write {out.file}: {clash.strerror or clash}")
+        else:
+            self.reporter.count(written=1)
 
     def fail(self, outs: list[Output], reason: str) -> None:
         message = f"line {outs[0].row.line}: {reason}"
@@ -698,18 +718,23 @@ def _request(client: httpx.Client, outs: list[Output], sink: _Sink,
         if value is not None:
             body[key] = value
     problem = ""
+    unreachable = False
     for attempt in range(RETRIES + 1):
         started = time.perf_counter()
         delay: float | None = None
         try:
             response = client.post("/v1/images/generations", json=body)
         except httpx.TransportError as exc:
+            unreachable = isinstance(exc, httpx.ConnectError)
             problem = f"cannot reach the server: {exc or type(exc).__name__}"
         else:
+            unreachable = False
             if response.status_code == 200:
                 _save_response(response, outs, sink, time.perf_counter() - started)
                 return
             problem = f"server answered {response.status_code}: {_error_message(response)}"
+            if response.status_code == 401:  # the key, not the row: every row would fail
+                raise BulkError(problem)
             if response.status_code != 429 and response.status_code < 500:
                 sink.fail(outs, problem)
                 return
@@ -720,6 +745,8 @@ def _request(client: httpx.Client, outs: list[Output], sink: _Sink,
             delay = min(MAX_BACKOFF_S, 0.5 * 2 ** attempt) * random.uniform(0.8, 1.2)
         if stop.wait(delay):
             return
+    if unreachable:  # the server is gone: the rest would only wait out their retries
+        raise BulkError(f"line {row.line}: gave up after {RETRIES + 1} tries: {problem}")
     sink.fail(outs, f"gave up after {RETRIES + 1} tries: {problem}")
 
 
@@ -775,7 +802,7 @@ def _run_server(pending: list[Output], server: str, api_key: str | None, concurr
                 return
             try:
                 _request(client, outs, sink, stop)
-            except BulkError as exc:  # the output folder: nothing more can be written
+            except BulkError as exc:  # the folder, the key or the server: no use going on
                 failure.append(exc)
                 stop.set()
             except Exception as exc:
@@ -783,6 +810,11 @@ def _run_server(pending: list[Output], server: str, api_key: str | None, concurr
                     return
                 sink.fail(outs, f"request failed: {exc}")
 
+    try:  # any answer will do: it is there
+        client.get("/healthz", timeout=10.0)
+    except httpx.TransportError as exc:
+        client.close()
+        raise BulkError(f"cannot reach {base}: {exc or type(exc).__name__}") from exc
     threads = [threading.Thread(target=work, name=f"bulk-{i}", daemon=True)
                for i in range(min(concurrency, tasks.qsize()))]
     try:

@@ -194,6 +194,30 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
         bench_mod.compare(settings, clients=clients, requests=requests, size=size, steps=steps)
 
 
+@app.command("batch")
+def batch(input_path: Annotated[Path, typer.Argument(metavar="INPUT",
+                                                      help="CSV or JSONL of prompts")],
+          out: Annotated[Path, typer.Option("--out", help="output folder")],
+          server: Annotated[str | None, typer.Option(
+              help="run against this server (its router may spill); default: in-process")]
+          = None,
+          api_key: Annotated[str | None, typer.Option(envvar="SPILLWAY_API_KEY")] = None,
+          batch_size: Annotated[int, typer.Option(min=1)] = 8,
+          concurrency: Annotated[int, typer.Option(min=1)] = 8,
+          weights_dir: WeightsDir = None) -> None:
+    """Offline bulk generation: rows -> images + manifest.jsonl; re-run to resume."""
+    from server.bulk import BulkError, run_bulk
+
+    try:
+        summary = run_bulk(input_path, out, _settings(weights_dir=weights_dir), server=server,
+                           api_key=api_key, batch_size=batch_size, concurrency=concurrency,
+                           echo=typer.echo)
+    except BulkError as exc:
+        raise _fail(str(exc)) from exc
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
 def _keystore() -> KeyStore:
     from server.keys import KeyStore
     from server.ledger import Ledger

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -15,6 +15,9 @@ from server.image_store import ImageStore
 from server.keys import KeyStore
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
+
+if TYPE_CHECKING:
+    from server.jobs import BatchService
 
 
 @dataclass
@@ -30,6 +33,7 @@ class AppState:
     dispatcher: Dispatcher | None = None
     keys: KeyStore | None = None
     shutting_down: bool = False
+    batches: BatchService | None = None
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:

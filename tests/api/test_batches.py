@@ -1,0 +1,302 @@
+"""The Batch API in-process (tiny models, a SQLite ledger on disk), driven by the official
+openai SDK: upload, create, poll, download the output and error files."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types import Batch
+from PIL import Image
+
+from server import jobs
+from server.app import create_app
+from server.config import Settings
+from tests.conftest import serve
+
+TERMINAL = {"completed", "failed", "cancelled", "expired"}
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("batches")
+    settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp}/l.db")
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
+
+
+def gen_line(custom_id: str, prompt: str, size: str = "256x256", **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/images/generations",
+            "body": {"prompt": prompt, "size": size, **body}}
+
+
+def submit(client: openai.OpenAI, lines: list[Any], endpoint: str = "/v1/images/generations",
+           **kw: Any) -> Batch:
+    f = client.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
+    assert f.purpose == "batch" and f.bytes == len(jsonl(lines)) and f.id.startswith("file-")
+    batch = client.batches.create(input_file_id=f.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                  completion_window="24h", **kw)
+    assert batch.status == "validating" and batch.input_file_id == f.id
+    return batch
+
+
+def wait(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Batch:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in TERMINAL:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.05)
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def image_size(b64: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+def data_url(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_images_batch_completes(client: openai.OpenAI) -> None:
+    sizes = ["256x256", "320x256", "256x384"]
+    lines = [gen_line(f"req-{i}", f"a lighthouse number {i}", sizes[i % 3]) for i in range(12)]
+    lines[5]["body"]["seed"] = 1234
+    lines[7]["body"]["n"] = 2
+    batch = submit(client, lines, metadata={"job": "nightly"})
+    done = wait(client, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (12, 12, 0)
+    assert done.metadata == {"job": "nightly"}
+    assert done.error_file_id is None and done.output_file_id is not None
+    assert None not in (done.in_progress_at, done.finalizing_at, done.completed_at)
+    out = client.files.retrieve(done.output_file_id)
+    assert out.purpose == "batch_output" and out.bytes > 0
+    results = lines_of(client, done.output_file_id)
+    assert [r["custom_id"] for r in results] == [f"req-{i}" for i in range(12)]  # line order
+    for i, r in enumerate(results):
+        assert r["id"].startswith("batch_req_") and r["error"] is None
+        assert r["response"]["status_code"] == 200 and r["response"]["request_id"]
+        body = r["response"]["body"]
+        assert len(body["data"]) == (2 if i == 7 else 1)
+        w, h = (int(v) for v in sizes[i % 3].split("x"))
+        for d in body["data"]:
+            assert image_size(d["b64_json"]) == (w, h)
+        assert body["size"] == sizes[i % 3]
+    assert results[5]["response"]["body"]["data"][0]["seed"] == 1234
+    # items without a seed got one from (batch, custom_id): stable across re-runs
+    assert results[0]["response"]["body"]["data"][0]["seed"] == jobs.item_seed(batch.id,
+                                                                                "req-0")
+
+
+def test_chat_batch_with_a_data_url_image(client: openai.OpenAI) -> None:
+    lines = [{"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "local-vlm", "max_tokens": 4, "temperature": 0,
+                       "messages": [{"role": "user", "content": [
+                           {"type": "text", "text": f"What colour is picture {i}?"},
+                           {"type": "image_url",
+                            "image_url": {"url": data_url((40 * i, 0, 200))}}]}]}}
+             for i in range(3)]
+    done = wait(client, submit(client, lines, endpoint="/v1/chat/completions").id)
+    assert done.status == "completed", done
+    results = lines_of(client, done.output_file_id)
+    assert [r["custom_id"] for r in results] == ["chat-0", "chat-1", "chat-2"]
+    for r in results:
+        body = r["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == "local-vlm"
+        assert isinstance(body["choices"][0]["message"]["content"], str)
+        assert 0 < body["usage"]["completion_tokens"] <= 4
+
+
+def test_edits_batch_takes_image_urls(client: openai.OpenAI) -> None:
+    lines = [{"custom_id": f"edit-{i}", "method": "POST", "url": "/v1/images/edits",
+              "body": {"prompt": "make it blue", "size": "256x256",
+                       "images": [{"image_url": data_url((200, 30 * i, 0), (300, 200))}]}}
+             for i in range(2)]
+    done = wait(client, submit(client, lines, endpoint="/v1/images/edits").id)
+    assert done.status == "completed", lines_of(client, done.error_file_id)
+    for r in lines_of(client, done.output_file_id):
+        assert image_size(r["response"]["body"]["data"][0]["b64_json"]) == (256, 256)
+
+
+def test_bad_lines_go_to_the_error_file_and_the_rest_run(client: openai.OpenAI) -> None:
+    lines: list[Any] = [
+        gen_line("ok-1", "a boat"),                                           # 1
+        "{this is not json",                                                  # 2
+        {**gen_line("wrong-url", "x"), "url": "/v1/chat/completions"},        # 3
+        gen_line("bad-size", "x", size="13x13"),                              # 4
+        gen_line("ok-1", "the same custom_id again"),                         # 5
+        {"method": "POST", "url": "/v1/images/generations", "body": {"prompt": "x"}},  # 6
+        {**gen_line("get", "x"), "method": "GET"},                            # 7
+        gen_line("no-prompt", ""),                                            # 8
+        "",                                                                   # 9 (blank)
+        gen_line("ok-2", "a train", n=11),                                    # 10: n > 10
+        gen_line("ok-3", "a train"),                                          # 11
+    ]
+    done = wait(client, submit(client, lines).id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (10, 2, 8)
+    assert [r["custom_id"] for r in lines_of(client, done.output_file_id)] == ["ok-1", "ok-3"]
+    errors = lines_of(client, done.error_file_id)
+    by_line = {int(e["error"]["message"].split(":")[0].removeprefix("line ")): e
+               for e in errors}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 10]  # in input order, blank line skipped
+    assert [int(e["error"]["message"].split(":")[0][5:]) for e in errors] == sorted(by_line)
+    for e in errors:
+        assert e["response"] is None and e["id"].startswith("batch_req_")
+        assert set(e) == {"id", "custom_id", "response", "error"}
+    assert by_line[2]["custom_id"] is None and by_line[2]["error"]["code"] == "invalid_json_line"
+    assert by_line[3]["custom_id"] == "wrong-url" and by_line[3]["error"]["code"] == "invalid_url"
+    assert "size" in by_line[4]["error"]["message"]
+    assert by_line[5]["error"]["code"] == "duplicate_custom_id"
+    assert "line 1" in by_line[5]["error"]["message"]
+    assert by_line[6]["custom_id"] is None
+    assert by_line[6]["error"]["code"] == "missing_custom_id"
+    assert by_line[7]["error"]["code"] == "invalid_method"
+    assert by_line[8]["error"]["code"] == "invalid_value"
+    assert "prompt" in by_line[8]["error"]["message"]
+    assert by_line[10]["custom_id"] == "ok-2" and "'n'" in by_line[10]["error"]["message"]
+
+
+def test_a_batch_with_only_bad_lines_fails(client: openai.OpenAI) -> None:
+    done = wait(client, submit(client, ["not json", gen_line("a", "x", size="1x1")]).id)
+    assert done.status == "failed" and done.failed_at is not None
+    assert done.errors is not None and done.errors.data is not None
+    assert [(e.line, e.code) for e in done.errors.data] == [(1, "invalid_json_line"),
+                                                            (2, "invalid_value")]
+    assert done.output_file_id is None
+    assert len(lines_of(client, done.error_file_id)) == 2
+
+
+def _error_shape(exc: openai.APIStatusError) -> dict[str, Any]:
+    body = exc.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+def test_refusals_in_the_openai_shape(client: openai.OpenAI, base_url: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    one = jsonl([gen_line("a", "x")])
+    with pytest.raises(openai.BadRequestError) as purpose:
+        client.files.create(file=("x.jsonl", one), purpose="fine-tune")
+    assert _error_shape(purpose.value)["param"] == "purpose"
+    monkeypatch.setattr(jobs, "MAX_FILE_LINES", 3)
+    with pytest.raises(openai.BadRequestError) as lines:
+        client.files.create(file=("x.jsonl", jsonl([gen_line(str(i), "x") for i in range(4)])),
+                            purpose="batch")
+    assert _error_shape(lines.value)["code"] == "too_many_lines"
+    monkeypatch.setattr(jobs, "MAX_FILE_BYTES", 100)
+    with pytest.raises(openai.BadRequestError) as big:
+        client.files.create(file=("x.jsonl", b"x" * 101), purpose="batch")
+    assert _error_shape(big.value)["code"] == "file_too_large"
+    monkeypatch.undo()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/images/generations",
+                              completion_window="24h")
+    assert _error_shape(missing.value)["param"] == "input_file_id"
+    f = client.files.create(file=("x.jsonl", one), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as endpoint:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                              completion_window="24h")
+    assert _error_shape(endpoint.value)["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as window:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/images/generations",
+                              completion_window="48h")  # type: ignore[arg-type]
+    assert _error_shape(window.value)["param"] == "completion_window"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.files.content("file-nope")
+    r = httpx.post(f"{base_url}/v1/files", json={"purpose": "batch"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param",
+                                                              "code"}
+
+
+def test_cancel_reports_unrun_requests(client: openai.OpenAI) -> None:
+    lines = [gen_line(f"c-{i}", f"a slow one {i}", "512x512") for i in range(20)]
+    batch = submit(client, lines)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
+    done = wait(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at is not None
+    out = lines_of(client, done.output_file_id)
+    errors = lines_of(client, done.error_file_id)
+    ids = [r["custom_id"] for r in out + errors]
+    assert sorted(ids) == sorted(f"c-{i}" for i in range(20))  # each exactly once
+    cancelled = [e for e in errors if e["error"] and e["error"]["code"] == "batch_cancelled"]
+    assert cancelled and all(e["response"] is None for e in cancelled)
+    assert done.request_counts is not None
+    assert done.request_counts.completed == len(out)
+    assert done.request_counts.failed == len(errors)
+    with pytest.raises(openai.BadRequestError):  # a finished batch cannot be cancelled
+        client.batches.cancel(wait(client, submit(client, [gen_line("z", "z")]).id).id)
+
+
+def test_list_batches_pages(client: openai.OpenAI) -> None:
+    made = [submit(client, [gen_line("p", f"page {i}")]).id for i in range(3)]
+    first = client.batches.list(limit=2)
+    assert [b.id for b in first.data] == made[::-1][:2]  # newest first
+    assert first.has_more
+    second = client.batches.list(limit=2, after=first.data[-1].id)
+    assert second.data[0].id == made[0]
+    every = [b.id for b in client.batches.list(limit=2)]  # the SDK follows the pages
+    assert every[:3] == made[::-1] and len(every) == len(set(every))
+    for batch_id in made:
+        wait(client, batch_id)
+
+
+def test_interactive_requests_go_first(client: openai.OpenAI) -> None:
+    lines = [gen_line(f"bg-{i}", f"background work {i}", "384x384") for i in range(30)]
+    batch = submit(client, lines)
+    deadline = time.monotonic() + 60
+    while (client.batches.retrieve(batch.id).request_counts or
+           type("C", (), {"completed": 0})).completed < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+    def interactive() -> float:
+        t0 = time.monotonic()
+        r = client.images.generate(prompt="now, please", size="256x256",
+                                   response_format="b64_json")
+        assert image_size(r.data[0].b64_json or "") == (256, 256)  # type: ignore[index]
+        return time.monotonic() - t0
+
+    with ThreadPoolExecutor(2) as pool:
+        took = list(pool.map(lambda _: interactive(), range(2)))
+    during = client.batches.retrieve(batch.id)
+    assert during.status == "in_progress", "the batch ended before the interactive requests"
+    assert during.request_counts is not None and during.request_counts.completed < 30
+    assert max(took) < 10
+    done = wait(client, batch.id, timeout=120)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.completed == 30
