@@ -379,11 +379,12 @@ class BatchService:
         JobsBase.metadata.create_all(self.engine)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leased = False
-        self._last_beat = 0.0
+        self._beat_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake: asyncio.Event | None = None
         self._main: asyncio.Task[None] | None = None
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._orphans: set[asyncio.Task[tuple[int, int]]] = set()
         for partial in self.files_dir.glob(".*.partial"):
             with contextlib.suppress(OSError):
                 partial.unlink()
@@ -419,6 +420,7 @@ class BatchService:
         self._wake = asyncio.Event()
         self._stopping = False
         self._main = asyncio.create_task(self._loop(), name="batch-worker")
+        self._beat_task = asyncio.create_task(self._beat(), name="batch-lease")
 
     def wake(self) -> None:
         if self._wake is not None:
@@ -428,7 +430,8 @@ class BatchService:
         """Let in-flight items finish (bounded); pending ones wait for the next start."""
         self._stopping = True
         self.wake()
-        if self._main is not None:
+        if self._main is not None:  # it ends at its next turn (a long validation may delay it)
+            await asyncio.wait({self._main}, timeout=self.stop_wait_s)
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
@@ -441,6 +444,10 @@ class BatchService:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
+        if self._beat_task is not None:
+            self._beat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beat_task
         if self._leased:
             # What this process abandoned: re-run next time, or (sent upstream) unknown.
             await asyncio.to_thread(self._reconcile, self.holder)
@@ -471,23 +478,31 @@ class BatchService:
                 await asyncio.sleep(1.0)
             await self._sleep(POLL_S)
 
+    async def _beat(self) -> None:
+        """The lease's heartbeat, on its own so a long validation or finalization in the
+        worker's loop does not let the lease go stale."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if not self._leased:
+                continue
+            try:
+                kept = await asyncio.to_thread(self._heartbeat)
+            except Exception:
+                log.exception("batch worker: heartbeat failed")
+                continue
+            if not kept:
+                log.warning("batch worker: lost the lease to another process")
+                self._leased = False
+
     async def _step(self) -> None:
-        now = time.monotonic()
         if not self._leased:
             self._leased = await asyncio.to_thread(self._acquire_lease)
             if not self._leased:
                 return
-            self._last_beat = now
             rerun, unknown = await asyncio.to_thread(self._reconcile, None)
             if rerun or unknown:
                 log.warning("batch worker: %d interrupted items to re-run, %d sent upstream "
                             "with an unknown outcome", rerun, unknown)
-        elif now - self._last_beat >= HEARTBEAT_S:
-            self._last_beat = now
-            if not await asyncio.to_thread(self._heartbeat):
-                log.warning("batch worker: lost the lease to another process")
-                self._leased = False
-                return
         for batch_id in await asyncio.to_thread(self._batches_to_validate):
             await asyncio.to_thread(self._validate, batch_id)
         for batch_id, final in await asyncio.to_thread(self._advance):
@@ -499,8 +514,17 @@ class BatchService:
                 self._inflight[item.id] = task
                 task.add_done_callback(functools.partial(self._done, item.id))
 
-    def _done(self, item_id: int, _task: asyncio.Task[None]) -> None:
+    def _done(self, item_id: int, task: asyncio.Task[None]) -> None:
         self._inflight.pop(item_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Its result could not be stored (the database refused for too long): the item
+            # must not stay "sending" until the next start.
+            log.error("batch item %d: %r; it will be re-run or reported", item_id,
+                      task.exception())
+            orphan = asyncio.create_task(asyncio.to_thread(self._reconcile, self.holder,
+                                                           item_id))
+            self._orphans.add(orphan)
+            orphan.add_done_callback(self._orphans.discard)
         self.wake()
 
     # -- the lease --------------------------------------------------------------------------
@@ -548,13 +572,15 @@ class BatchService:
             s.execute(delete(LeaseRow).where(LeaseRow.holder == self.holder))
             s.commit()
 
-    def _reconcile(self, claim: str | None) -> tuple[int, int]:
+    def _reconcile(self, claim: str | None, item_id: int | None = None) -> tuple[int, int]:
         """Items left ``sending`` (by a dead process, or by this one, abandoned at stop):
         back to pending when nothing went upstream, else failed as outcome-unknown."""
         now = time.time()
         where = [ItemRow.state == SENDING]
         if claim is not None:
             where.append(ItemRow.claim == claim)
+        if item_id is not None:
+            where.append(ItemRow.id == item_id)
         error = {"code": UNKNOWN, "message": (
             "The server stopped after this request was sent to a cloud provider and before "
             "its answer was stored. It is never sent twice, so its outcome is unknown.")}
@@ -626,6 +652,20 @@ class BatchService:
                 not self.file_path(file_id).is_file():
             raise _not_found("file", file_id, param)
         return row
+
+    def delete_file(self, file_id: str, caller: Caller) -> dict[str, Any]:
+        with self._write() as s:
+            row = s.get(FileRow, file_id)
+            if row is None or not self._visible(row.owner, caller):
+                raise _not_found("file", file_id, "file_id")
+            if s.scalar(select(BatchRow.id).where(BatchRow.input_file_id == file_id,
+                                                  BatchRow.status.in_(OPEN)).limit(1)):
+                raise bad_request(f"The file {file_id!r} is the input of a batch that is "
+                                  "still running.", param="file_id", code="file_in_use")
+            s.delete(row)
+            s.commit()
+        self.file_path(file_id).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
 
     # -- batches: the API -------------------------------------------------------------------
 
@@ -945,7 +985,8 @@ class BatchService:
                     and item.attempts + 1 < MAX_ATTEMPTS):
                 delay = min(MAX_BACKOFF_S, 0.5 * 2 ** item.attempts)
                 with contextlib.suppress(ValueError):
-                    delay = min(MAX_BACKOFF_S, max(delay, float(err.headers["Retry-After"])))
+                    delay = min(MAX_BACKOFF_S,
+                                max(delay, float(err.headers.get("Retry-After", ""))))
                 await asyncio.to_thread(self._retry_later, item.id, delay)
                 return
             await asyncio.to_thread(self._finish, item.id, state=ITEM_FAILED,
@@ -1153,6 +1194,9 @@ class BatchService:
             stamp = {COMPLETED: "completed_at", CANCELLED: "cancelled_at", FAILED: "failed_at",
                      EXPIRED: "expired_at"}[final]
             setattr(b, stamp, now)
+            # The output file holds the answers now: the database need not keep the images.
+            s.execute(update(ItemRow).where(ItemRow.batch_id == batch_id, ItemRow.state == DONE)
+                      .values(response=None).execution_options(synchronize_session=False))
             s.commit()
         log.info("batch %s %s: %d answers, %d errors", batch_id, final, n_out, n_err)
 

@@ -82,6 +82,12 @@ async def file_content(file_id: str, request: Request, state: State) -> FileResp
     return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
 
 
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request, state: State) -> JSONResponse:
+    return JSONResponse(await asyncio.to_thread(_service(state).delete_file, file_id,
+                                                caller_of(request)))
+
+
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

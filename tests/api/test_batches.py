@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +18,15 @@ import openai
 import pytest
 from openai.types import Batch
 from PIL import Image
+from pydantic import SecretStr
 
 from server import jobs
 from server.app import create_app
-from server.config import Settings
+from server.config import BatchSettings, Settings
+from server.image_store import ImageStore
+from server.keys import KeyStore
+from server.ledger import Ledger
+from server.state import AppState
 from tests.conftest import serve
 
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
@@ -66,6 +72,18 @@ def wait(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Batch:
             return batch
         assert time.monotonic() < deadline, f"batch still {batch.status}"
         time.sleep(0.05)
+
+
+def completed(client: openai.OpenAI, batch_id: str) -> int:
+    counts = client.batches.retrieve(batch_id).request_counts
+    return counts.completed if counts else 0
+
+
+def wait_for_progress(client: openai.OpenAI, batch_id: str, at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while completed(client, batch_id) < at_least:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.02)
 
 
 def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -115,6 +133,10 @@ def test_images_batch_completes(client: openai.OpenAI) -> None:
     # items without a seed got one from (batch, custom_id): stable across re-runs
     assert results[0]["response"]["body"]["data"][0]["seed"] == jobs.item_seed(batch.id,
                                                                                 "req-0")
+    # files can be deleted once read; the batch keeps its ids
+    assert client.files.delete(done.output_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(done.output_file_id)
 
 
 def test_chat_batch_with_a_data_url_image(client: openai.OpenAI) -> None:
@@ -278,11 +300,7 @@ def test_list_batches_pages(client: openai.OpenAI) -> None:
 def test_interactive_requests_go_first(client: openai.OpenAI) -> None:
     lines = [gen_line(f"bg-{i}", f"background work {i}", "384x384") for i in range(30)]
     batch = submit(client, lines)
-    deadline = time.monotonic() + 60
-    while (client.batches.retrieve(batch.id).request_counts or
-           type("C", (), {"completed": 0})).completed < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_progress(client, batch.id, 1)
 
     def interactive() -> float:
         t0 = time.monotonic()
@@ -293,6 +311,8 @@ def test_interactive_requests_go_first(client: openai.OpenAI) -> None:
 
     with ThreadPoolExecutor(2) as pool:
         took = list(pool.map(lambda _: interactive(), range(2)))
+    with pytest.raises(openai.BadRequestError):  # the input of a running batch stays
+        client.files.delete(batch.input_file_id)
     during = client.batches.retrieve(batch.id)
     assert during.status == "in_progress", "the batch ended before the interactive requests"
     assert during.request_counts is not None and during.request_counts.completed < 30
@@ -300,3 +320,111 @@ def test_interactive_requests_go_first(client: openai.OpenAI) -> None:
     done = wait(client, batch.id, timeout=120)
     assert done.status == "completed" and done.request_counts is not None
     assert done.request_counts.completed == 30
+
+
+def test_an_expired_batch_reports_every_request(client: openai.OpenAI,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "COMPLETION_WINDOWS", {"24h": 0})  # over as soon as it starts
+    done = wait(client, submit(client, [gen_line(f"e-{i}", "late") for i in range(3)]).id)
+    assert done.status == "expired" and done.expired_at is not None
+    errors = lines_of(client, done.error_file_id)
+    assert [e["custom_id"] for e in errors] == ["e-0", "e-1", "e-2"]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+def test_stop_leaves_pending_work_for_the_next_start(tiny_weights: Path,
+                                                     tmp_path: Path) -> None:
+    settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db")
+    lines = [gen_line(f"s-{i}", f"stop and go {i}", "384x384") for i in range(24)]
+    with serve(create_app(settings, chat_loader=None)) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        batch = submit(c, lines)
+        wait_for_progress(c, batch.id, 2)
+    # a graceful stop: in-flight items finished, the rest wait, nothing is half-done
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        states = dict(db.execute("SELECT state, count(*) FROM batch_items GROUP BY state"))
+        lease = db.execute("SELECT count(*) FROM batch_worker_lease").fetchone()[0]
+    assert "sending" not in states and states.get("pending", 0) > 0, states
+    assert lease == 0  # handed back: the next start need not wait for it to go stale
+    with serve(create_app(settings, chat_loader=None)) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        done = wait(c, batch.id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert done.request_counts.completed == 24
+        assert [r["custom_id"] for r in lines_of(c, done.output_file_id)] == \
+            [f"s-{i}" for i in range(24)]
+
+
+def test_one_worker_per_database(tiny_weights: Path, tmp_path: Path) -> None:
+    settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db")
+
+    def service() -> jobs.BatchService:
+        return jobs.BatchService(AppState(settings, ImageStore(60, 2**20)))
+
+    a, b = service(), service()
+    assert a._acquire_lease() and not b._acquire_lease()
+    assert a._acquire_lease()  # still a's
+    with sqlite3.connect(tmp_path / "l.db") as db:  # a's process died (a pid that is gone)
+        db.execute("UPDATE batch_worker_lease SET pid = ?", (dead_pid(),))
+    assert b._acquire_lease() and not a._heartbeat()
+    b._release_lease()
+    assert a._acquire_lease()
+    for svc in (a, b):
+        svc.engine.dispose()
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_batches_belong_to_their_key(tiny_weights: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/l.db"
+    admin_key = "admin-secret-for-batch-tests-0123"
+    store = KeyStore(Ledger(url))
+    key_a, key_b = store.create("team-a"), store.create("team-b")
+    settings = Settings(weights_dir=tiny_weights, ledger_url=url,
+                        admin_key=SecretStr(admin_key))
+
+    def sdk(base: str, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+    with serve(create_app(settings, chat_loader=None)) as base:
+        a, b, admin = sdk(base, key_a), sdk(base, key_b), sdk(base, admin_key)
+        with pytest.raises(openai.AuthenticationError):
+            sdk(base, "not-a-key").batches.list()
+        done = wait(a, submit(a, [gen_line("mine", "team a's picture")]).id)
+        assert done.status == "completed" and done.output_file_id is not None
+        with pytest.raises(openai.NotFoundError):
+            b.batches.retrieve(done.id)
+        with pytest.raises(openai.NotFoundError):
+            b.files.content(done.output_file_id)
+        with pytest.raises(openai.NotFoundError):
+            b.batches.cancel(done.id)
+        assert done.id not in [x.id for x in b.batches.list()]
+        assert done.id in [x.id for x in a.batches.list()]
+        assert admin.batches.retrieve(done.id).status == "completed"
+    rows = Ledger(url).rows()  # the item is accounted to the key that made the batch
+    assert [(r.key_name, r.route, r.images) for r in rows
+            if r.endpoint == "/v1/images/generations"] == [("team-a", "local", 1)]
+
+
+def test_a_full_queue_delays_items_but_does_not_fail_them(tiny_weights: Path,
+                                                          tmp_path: Path) -> None:
+    # 4 items of 4 images in flight against a local queue of 10: some meet a 429
+    settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db",
+                        batch=BatchSettings(max_queue=10))
+    lines = [gen_line(f"q-{i}", f"crowded {i}", n=4) for i in range(8)]
+    with serve(create_app(settings, chat_loader=None)) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        done = wait(c, submit(c, lines).id, timeout=90)
+        assert done.status == "completed", lines_of(c, done.error_file_id)
+        out = lines_of(c, done.output_file_id)
+        assert [len(r["response"]["body"]["data"]) for r in out] == [4] * 8
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        retried = db.execute("SELECT count(*) FROM batch_items WHERE attempts > 0").fetchone()[0]
+    assert retried > 0  # the queue really was full, and the items waited their turn
