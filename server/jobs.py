@@ -94,8 +94,7 @@ from server.protocol_chat import (
     stop_strings,
 )
 from server.providers.base import OutImage
-from server.routes.chat import _check_model as check_chat_model
-from server.routes.chat import chat_job_from
+from server.routes.chat import chat_job_from, check_chat_model
 from server.routes.images import check_image_model
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ from server.state import AppState, State
 router = APIRouter()
 
 
-def _check_model(state: AppState, model: str) -> None:
+def check_chat_model(state: AppState, model: str) -> None:
     local_ids = {"local-vlm", "auto", *state.settings.vlm.aliases}
     if model not in local_ids and cloud_of(model) is None:
         raise model_not_found(model)
@@ -66,7 +66,7 @@ async def _load_images(refs: list[ImageRef], state: AppState) -> list[Image.Imag
 async def chat_job_from(body: ChatRequest, state: AppState) -> ChatJob:
     """Check a chat request and take its images in; shared with durable batch jobs."""
     # 1. Cheap checks first: nothing is fetched or decoded for a request that will fail.
-    _check_model(state, body.model)
+    check_chat_model(state, body.model)
     parsed = parse_messages(body.messages)
     limit = state.settings.media.max_images_per_request
     if len(parsed.images) > limit:
