@@ -58,9 +58,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
@@ -69,13 +67,12 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.pool import StaticPool
 
 from pipelines.vlm import ChatResult
 from server import media
 from server.auth import Caller, check_quota
 from server.errors import APIError, bad_request, server_error
-from server.ledger import UsageRow
+from server.ledger import UsageRow, is_memory_sqlite, open_engine
 from server.protocol import (
     MAX_SEED,
     ImageEditRequest,
@@ -348,11 +345,11 @@ class BatchService:
         self.concurrency = concurrency
         self.stop_wait_s = (min(self.settings.shutdown_grace_s, 60.0) if stop_wait_s is None
                             else stop_wait_s)
-        u = make_url(url or self.settings.ledger_url)
+        url = url or self.settings.ledger_url
+        u = make_url(url)
         sqlite = u.get_backend_name() == "sqlite"
         db = u.database or ""
-        self._memory = sqlite and (db in ("", ":memory:") or db.startswith("file::memory:")
-                                   or u.query.get("mode") == "memory")
+        self._memory = is_memory_sqlite(url)
         self._lock = threading.Lock()
         self._temp_dir: Path | None = None
         if files_dir is None:
@@ -365,16 +362,8 @@ class BatchService:
                 files_dir = Path("data") / "batch-files"
         self.files_dir = files_dir
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        if sqlite:
-            if not self._memory:
-                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
-            if self._memory:
-                kwargs["poolclass"] = StaticPool
-            self.engine: Engine = create_engine(u, **kwargs)
-            event.listen(self.engine, "connect", self._sqlite_pragmas)
-        else:
-            self.engine = create_engine(u, pool_pre_ping=True)
+        # synchronous=FULL: a committed "sent upstream" mark must survive a power cut.
+        self.engine: Engine = open_engine(url, synchronous="FULL")
         JobsBase.metadata.create_all(self.engine)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leased = False
@@ -387,16 +376,6 @@ class BatchService:
         for partial in self.files_dir.glob(".*.partial"):
             with contextlib.suppress(OSError):
                 partial.unlink()
-
-    def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        try:
-            if not self._memory:
-                cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=10000")
-        finally:
-            cur.close()
 
     @contextmanager
     def _write(self) -> Iterator[Session]:

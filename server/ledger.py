@@ -124,39 +124,51 @@ def _day_bounds(now: datetime | None) -> tuple[datetime, datetime]:
     return day, day + timedelta(days=1)
 
 
-class Ledger:
-    def __init__(self, url: str) -> None:
-        u = make_url(url)
-        self.url = u.render_as_string(hide_password=True)
-        self._sqlite = u.get_backend_name() == "sqlite"
-        db = u.database or ""
-        self._memory = self._sqlite and (
-            db in ("", ":memory:") or db.startswith("file::memory:")
-            or u.query.get("mode") == "memory")
-        # One in-process writer at a time: SQLite would serialize them anyway (busy_timeout),
-        # and the in-memory database is one shared connection, which must not interleave.
-        self._write_lock = threading.Lock()
-        if self._sqlite:
-            if not self._memory:
-                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
-            if self._memory:
-                kwargs["poolclass"] = StaticPool
-            self.engine: Engine = create_engine(u, **kwargs)
-            event.listen(self.engine, "connect", self._sqlite_pragmas)
-        else:
-            self.engine = create_engine(u, pool_pre_ping=True)
-        Base.metadata.create_all(self.engine)
+def is_memory_sqlite(url: str) -> bool:
+    u = make_url(url)
+    db = u.database or ""
+    return u.get_backend_name() == "sqlite" and (
+        db in ("", ":memory:") or db.startswith("file::memory:")
+        or u.query.get("mode") == "memory")
 
-    def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
+
+def open_engine(url: str, synchronous: str = "NORMAL") -> Engine:
+    """An engine for any SQLAlchemy URL. SQLite gets its folder made, WAL, a busy timeout
+    and, in memory, one shared connection (so every session sees the same database)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, pool_pre_ping=True)
+    memory = is_memory_sqlite(url)
+    if not memory:
+        Path(u.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    engine = create_engine(u, **kwargs)
+
+    def pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         try:
-            if not self._memory:
+            if not memory:
                 cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=10000")
         finally:
             cur.close()
+
+    event.listen(engine, "connect", pragmas)
+    return engine
+
+
+class Ledger:
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url).render_as_string(hide_password=True)
+        self._memory = is_memory_sqlite(url)
+        # One in-process writer at a time: SQLite would serialize them anyway (busy_timeout),
+        # and the in-memory database is one shared connection, which must not interleave.
+        self._write_lock = threading.Lock()
+        self.engine: Engine = open_engine(url)
+        Base.metadata.create_all(self.engine)
 
     @contextmanager
     def _read(self) -> Iterator[Session]:

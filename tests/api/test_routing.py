@@ -15,12 +15,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 from PIL import Image
 from pydantic import SecretStr
 
-from pipelines.registry import MODEL_ID, WeightsInfo, best_weights
-from pipelines.sdxl_turbo import SDXLTurbo
+from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
 from server.config import (
     BatchSettings,
@@ -32,7 +30,7 @@ from server.config import (
 )
 from server.ledger import Ledger
 from server.providers.local import LocalImages
-from tests.api.test_serving import Device, wait_for
+from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.gemini_server import running_fake_gemini
 from tests.fakes.openai_server import running_fake_openai
@@ -41,25 +39,6 @@ OPENAI_KEY = "sk-test-routing-0123456789abcdef"
 GEMINI_KEY = "AIza-test-routing-0123456789"
 ROOMY = {m: RateLimit(per_minute=1000, burst=1000) for m in
          ("gpt-image-1", "gemini-2.5-flash-image", "gpt-4o-mini", "gemini-2.5-flash")}
-
-
-@pytest.fixture(scope="module")
-def weights(tiny_weights: Path) -> WeightsInfo:
-    info = best_weights(tiny_weights)
-    assert info is not None
-    return info
-
-
-@pytest.fixture(scope="module")
-def engine(weights: WeightsInfo) -> SDXLTurbo:
-    return SDXLTurbo.load(weights.path, torch.device("cpu"))
-
-
-@pytest.fixture
-def device(engine: SDXLTurbo) -> Iterator[Device]:
-    d = Device(engine)
-    yield d
-    d.gate.set()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,55 +17,14 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
-from pipelines.base import ImageItem
-from pipelines.registry import MODEL_ID, WeightsInfo, best_weights
-from pipelines.sdxl_turbo import SDXLTurbo
+from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
 from server.config import BatchSettings, Settings
 from server.providers.local import LocalImages
+from tests.api.gated import Device, wait_for
 from tests.conftest import serve
-
-
-class Device:
-    """The tiny engine behind a gate; records every pipeline call's prompts."""
-
-    def __init__(self, engine: SDXLTurbo) -> None:
-        self.engine = engine
-        self.gate = threading.Event()
-        self.gate.set()
-        self.busy = threading.Event()
-        self.calls: list[list[str]] = []
-        self.fail_on = "boom"
-
-    def text2img(self, items: list[ImageItem]) -> list[Image.Image]:
-        self.busy.set()
-        assert self.gate.wait(60)
-        self.calls.append([i.prompt for i in items])
-        if any(self.fail_on in i.prompt for i in items):
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return self.engine.text2img(items)
-
-
-@pytest.fixture(scope="module")
-def weights(tiny_weights: Path) -> WeightsInfo:
-    info = best_weights(tiny_weights)
-    assert info is not None
-    return info
-
-
-@pytest.fixture(scope="module")
-def engine(weights: WeightsInfo) -> SDXLTurbo:
-    return SDXLTurbo.load(weights.path, torch.device("cpu"))
-
-
-@pytest.fixture
-def device(engine: SDXLTurbo) -> Iterator[Device]:
-    d = Device(engine)
-    yield d
-    d.gate.set()
 
 
 def start(device: Device, weights: WeightsInfo, tiny_weights: Path, **batch: Any):
@@ -93,13 +51,6 @@ def hold_device(pool: ThreadPoolExecutor, device: Device, base: str) -> Future[h
     blocker = pool.submit(gen, base, "blocker", 1, "512x512")
     assert device.busy.wait(30)
     return blocker
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def pixels(resp: httpx.Response, i: int = 0) -> np.ndarray:
