@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +63,22 @@ def serve(app: FastAPI, wait_ready: bool = True) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 240,
+               what: str = "") -> None:
+    """Poll ``{base}/readyz`` of a server process until it answers 200; fail fast if the
+    process dies (``what`` is shown then: a log tail, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, what or f"server exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready in time"
+        time.sleep(0.2)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from server.providers.openai import (
     b64decode_strict,
     finish_images,
     kind_for_status,
+    nearest_shape,
     parse_retry_after,
     png_bytes,
     provider_error,
@@ -62,13 +62,7 @@ T = TypeVar("T")
 
 
 def nearest_aspect(width: int, height: int) -> str:
-    aspect = math.log(width / height)
-
-    def distance(ratio: str) -> float:
-        w, h = (int(v) for v in ratio.split(":"))
-        return abs(math.log(w / h) - aspect)
-
-    return min(ASPECT_RATIOS, key=distance)
+    return nearest_shape(width, height, ASPECT_RATIOS, ":")
 
 
 def retry_delay_from_details(details: object) -> float | None:

@@ -183,15 +183,20 @@ GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 _Quality = Literal["low", "medium", "high"]
 
 
-def nearest_size(width: int, height: int) -> str:
-    """The gpt-image size whose aspect is nearest the job's."""
+def nearest_shape(width: int, height: int, choices: tuple[str, ...], sep: str) -> str:
+    """The choice ("1536x1024", "3:2"...) whose aspect is nearest width / height."""
     aspect = math.log(width / height)
 
-    def distance(size: str) -> float:
-        w, h = (int(v) for v in size.split("x"))
+    def distance(choice: str) -> float:
+        w, h = (int(v) for v in choice.split(sep))
         return abs(math.log(w / h) - aspect)
 
-    return min(GPT_IMAGE_SIZES, key=distance)
+    return min(choices, key=distance)
+
+
+def nearest_size(width: int, height: int) -> str:
+    """The gpt-image size whose aspect is nearest the job's."""
+    return nearest_shape(width, height, GPT_IMAGE_SIZES, "x")
 
 
 def upstream_quality(quality: str) -> _Quality:

@@ -30,7 +30,9 @@ from tests.fakes.gemini_server import FakeGemini, inline_images, running_fake_ge
 from tests.fakes.openai_server import FakeOpenAI, image_url_parts, running_fake_openai
 
 OPENAI_KEY = "sk-test-SECRET123456789"
-GEMINI_KEY = "AIzaTEST-SECRET-abcdefghijklmnop"
+# Fake keys in the real keys' shapes (the scrubber must recognise them), built from parts
+# so that nothing in the tree reads as a live credential.
+GEMINI_KEY = "AIza" + "TEST-SECRET-abcdefghijklmnop"
 PRICES = Prices()
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 
@@ -388,7 +390,7 @@ def test_gemini_chat_max_tokens_is_length(fake_gemini: FakeGemini) -> None:
 
 
 def test_gemini_bad_key_is_auth(fake_gemini: FakeGemini) -> None:
-    fake_gemini.expected_key = "AIzaSOMEONE-ELSES-KEY-123456"
+    fake_gemini.expected_key = "AIza" + "SOMEONE-ELSES-KEY-123456"
     err = fails(gemini_provider(fake_gemini),
                 lambda p: p.chat(chat_job(), "gemini-2.5-flash"))
     assert err.kind == "auth" and err.status == 400 and not err.trips_breaker

@@ -36,7 +36,7 @@ from tests.fakes.gemini_server import running_fake_gemini
 from tests.fakes.openai_server import running_fake_openai
 
 OPENAI_KEY = "sk-test-routing-0123456789abcdef"
-GEMINI_KEY = "AIza-test-routing-0123456789"
+GEMINI_KEY = "test-gemini-routing-key-0123"
 ROOMY = {m: RateLimit(per_minute=1000, burst=1000) for m in
          ("gpt-image-1", "gemini-2.5-flash-image", "gpt-4o-mini", "gemini-2.5-flash")}
 

@@ -19,12 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_ready
 from tests.fakes.openai_server import running_fake_openai
 
 SPILLWAY = str(Path(sys.executable).with_name("spillway"))
@@ -49,16 +48,7 @@ def spillway(tmp_path: Path, weights: Path, extra: dict[str, str] | None = None
         procs.append(proc)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                max_retries=0, timeout=30)
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.name
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.1)
+        wait_ready(f"http://127.0.0.1:{port}", proc, 120, log.name)
         return proc, client
 
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_ready
 
 SPILLWAY = str(Path(sys.executable).with_name("spillway"))
 pytestmark = pytest.mark.e2e
@@ -57,15 +57,7 @@ def test_sigterm_finishes_in_flight_work_then_exits(tmp_path: Path, tiny_weights
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        wait_ready(base, proc, 120)
         result: dict[str, httpx.Response] = {}
         slow = threading.Thread(target=lambda: result.update(r=httpx.post(
             f"{base}/v1/images/generations", timeout=240,

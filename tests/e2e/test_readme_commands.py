@@ -8,15 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 SPILLWAY = str(Path(sys.executable).with_name("spillway"))
@@ -36,16 +34,10 @@ def test_make_run_serves_the_openai_sdk(tmp_path: Path) -> None:
                             env=_env(weights), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.25)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc, 240)
+        except AssertionError:
+            raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from None
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         r = client.images.generate(model="sdxl-turbo", prompt="a red bicycle", size="512x512",
                                    n=4, response_format="b64_json")
