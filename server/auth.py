@@ -48,7 +48,8 @@ async def authenticate(request: Request, state: State) -> None:
         request.state.caller = OPEN
         return
     if not token:
-        raise _unauthorized("This server needs an API key: send 'Authorization: Bearer <key>'.")
+        raise _unauthorized("This server needs an API key: send 'Authorization: Bearer <key>' "
+                             "(or 'x-goog-api-key: <key>').")
     info = await asyncio.to_thread(keys.lookup, token)
     if info is None:
         # Never echo the key: OpenAI's message shows a masked form; we show none of it.

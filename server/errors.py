@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -82,8 +83,40 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+_GEMINI_PATH = re.compile(r"^/v1beta/|^/v1/models/[^/]+:\w+$")
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
+                  429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                  501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def is_gemini_path(path: str) -> bool:
+    """The Gemini-compatible routes answer errors in Google's shape, not OpenAI's."""
+    return bool(_GEMINI_PATH.match(path))
+
+
+def gemini_body(err: APIError) -> dict[str, Any]:
+    """``{error: {code, message, status}}``; a 429 carries RetryInfo, as Google's does."""
+    body: dict[str, Any] = {"code": err.status, "message": err.message,
+                            "status": _GOOGLE_STATUS.get(err.status, "UNKNOWN")}
+    details: list[dict[str, Any]] = []
+    retry = err.headers.get("Retry-After")
+    if err.status == 429 and retry is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": f"{retry}s"})
+    if err.code is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": err.code.upper(), "domain": "spillway",
+                        "metadata": {"param": err.param} if err.param else {}})
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API the path belongs to (OpenAI unless Gemini)."""
+    body = gemini_body(err) if is_gemini_path(path) else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -98,22 +131,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(APIError(400, message, param=param, code="invalid_value"))
+        return error_response(APIError(400, message, param=param, code="invalid_value"),
+                              request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail),
                        type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
                        code=_STATUS_CODES.get(exc.status_code))
-        return error_response(err)
+        return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(server_error())
+        return error_response(server_error(), request.url.path)

@@ -169,3 +169,33 @@ def usage_chunk(cid: str, model: str, created: int, result: ChatResult) -> str:
 
 def sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+class OpenAIChunks:
+    """``chat.completion.chunk`` events, the usage chunk if asked, then ``[DONE]``."""
+
+    def __init__(self, cid: str, model: str, include_usage: bool) -> None:
+        self.cid, self.model, self.include_usage = cid, model, include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        return chunk(self.cid, self.model, self.created, delta, finish=finish,
+                     with_usage=self.include_usage)
+
+    def opening(self) -> list[str]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, text: str) -> str:
+        return self._chunk({"content": text})
+
+    def closing(self, result: ChatResult) -> list[str]:
+        lines = [self._chunk({}, finish=result.finish_reason)]
+        if self.include_usage:
+            lines.append(usage_chunk(self.cid, self.model, self.created, result))
+        return lines
+
+    def error(self, err: APIError) -> str:
+        return sse(err.body())
+
+    def ending(self) -> list[str]:
+        return ["data: [DONE]\n\n"]

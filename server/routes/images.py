@@ -50,18 +50,29 @@ def check_image_model(model: str | None) -> None:
         raise model_not_found(str(model))
 
 
-async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) -> Response:
+async def run_image_job(request: Request, state: AppState, endpoint: str, job: ImageJob,
+                        model: str | None = None) -> tuple[list[OutImage], Served] | None:
+    """Route, run and account for an image job (one ledger row, under ``model`` if given);
+    ``None`` when the client left first (its queued work is cancelled)."""
     dispatcher = state.require_dispatcher()
-    async with accounted(request, state, endpoint, job.model, job.n) as account:
+    async with accounted(request, state, endpoint, model or job.model, job.n) as account:
         try:
             images, served = await unless_disconnected(
                 request, dispatcher.images(job, deadline_s(request, state),
                                            bulk=account.bulk))
         except ClientGone:
             account.status, account.outcome = 499, "cancelled"
-            return Response(status_code=499)
+            return None
         account.served = served
-        return _respond(request, state, job, images, served)
+        return images, served
+
+
+async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) -> Response:
+    ran = await run_image_job(request, state, endpoint, job)
+    if ran is None:
+        return Response(status_code=499)
+    images, served = ran
+    return _respond(request, state, job, images, served)
 
 
 def _respond(request: Request, state: AppState, job: ImageJob, images: list[OutImage],

@@ -1,0 +1,199 @@
+"""The Gemini-compatible API: ``POST /{v1beta|v1}/models/{model}:generateContent`` and
+``:streamGenerateContent?alt=sse``.
+
+Code written for Gemini runs against the box by changing only the base URL. Requests go
+through the same intake (server/media.py), the same router and the same ledger as the
+OpenAI endpoints; only the wire format differs (server/protocol_gemini.py). Errors are in
+Google's shape (server/errors.py picks it by path); the key may come in ``x-goog-api-key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+
+from pipelines.vlm import ChatResult
+from server import media
+from server.auth import caller_of, check_quota
+from server.dispatch import check_context, to_item
+from server.errors import bad_request
+from server.protocol import ImageEditRequest, ImageGenerationRequest, to_edit_job, to_image_job
+from server.protocol_gemini import (
+    GeminiAsk,
+    GeminiChunks,
+    images_response,
+    job_model,
+    parse_request,
+    response_id,
+    size_for,
+    text_response,
+    wants_image,
+)
+from server.providers.base import ChatJob
+from server.router import cloud_of
+from server.routes.chat import _load_images, check_chat_model, run_chat_job
+from server.routes.common import deadline_s
+from server.routes.images import check_image_model, run_image_job
+from server.routes.streaming import stream_local, stream_whole
+from server.state import AppState, State
+
+router = APIRouter()
+VERSIONS = ("v1beta", "v1")
+
+
+async def _ask(request: Request) -> GeminiAsk:
+    try:
+        raw = await request.json()
+    except ValueError as exc:
+        raise bad_request("The request body is not valid JSON.", code="invalid_json") from exc
+    return parse_request(raw)
+
+
+def _model(state: AppState, asked: str, image: bool) -> str:
+    return job_model(asked, image, cloud_names=state.settings.router.gemini_names,
+                     vlm_aliases=state.settings.vlm.aliases, cloud_provider=cloud_of(asked))
+
+
+def _validated(model: type[ImageGenerationRequest], **fields: object) -> ImageGenerationRequest:
+    """The OpenAI request the Gemini one maps to, checked by the same rules."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise bad_request(f"Invalid {where}: {first.get('msg', 'invalid value')}.",
+                          param=where or None) from None
+
+
+async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
+                  endpoint: str) -> Response:
+    model = _model(state, asked, image=True)
+    check_image_model(model)
+    if not ask.prompt.strip():
+        raise bad_request("Image generation needs a text prompt in the last user turn.",
+                          param="contents")
+    limits, cfg = state.settings.images, ask.config
+    size = size_for(cfg.aspect_ratio, limits)
+    fields = {"prompt": ask.prompt, "n": cfg.candidate_count, "seed": cfg.seed,
+              "response_format": "b64_json", "output_format": "png"}
+    if ask.sources:  # image(s) in, image out: an edit of the first source(s)
+        limit = state.settings.media.max_images_per_request
+        if len(ask.sources) > limit:
+            raise bad_request(f"{len(ask.sources)} images in one request; the limit is "
+                              f"{limit}.", param="contents", code="too_many_images")
+        sources: list[Image.Image] = list(await asyncio.gather(*(
+            media.load_image(ref.url, state.settings.media, param=ref.param)
+            for ref in ask.sources)))
+        edit = _validated(ImageEditRequest, **fields,
+                          size=size if cfg.aspect_ratio else "auto")
+        assert isinstance(edit, ImageEditRequest)
+        job = to_edit_job(edit, model, limits, sources)
+    else:
+        job = to_image_job(_validated(ImageGenerationRequest, **fields, size=size), model,
+                           limits)
+    ran = await run_image_job(request, state, endpoint, job, model=asked)
+    if ran is None:
+        return Response(status_code=499)
+    images, served = ran
+    body = images_response([(im.media_type, im.data) for im in images], asked, response_id())
+    return JSONResponse(body, headers=served.headers())
+
+
+async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
+    model = _model(state, asked, image=False)
+    check_chat_model(state, model)
+    limit = state.settings.media.max_images_per_request
+    if len(ask.sources) > limit:
+        raise bad_request(f"{len(ask.sources)} images in one request; the limit is {limit}.",
+                          param="contents", code="too_many_images")
+    cfg, vlm = ask.config, state.settings.vlm
+    if cfg.candidate_count > 1:
+        raise bad_request("candidateCount above 1 is supported for images only.",
+                          param="generationConfig.candidateCount")
+    max_tokens = cfg.max_output_tokens or vlm.default_max_tokens
+    if max_tokens > vlm.max_tokens_cap:
+        raise bad_request(f"maxOutputTokens is {max_tokens}; this server allows at most "
+                          f"{vlm.max_tokens_cap}.", param="generationConfig.maxOutputTokens")
+    images = await _load_images(ask.sources, state)
+    return ChatJob(model, ask.messages, images, max_tokens,
+                   1.0 if cfg.temperature is None else cfg.temperature,
+                   1.0 if cfg.top_p is None else cfg.top_p, cfg.stop, cfg.seed)
+
+
+async def _text(request: Request, state: AppState, asked: str, ask: GeminiAsk,
+                endpoint: str) -> Response:
+    job = await _chat_job(state, asked, ask)
+    ran = await run_chat_job(request, state, endpoint, asked, job, deadline_s(request, state))
+    if ran is None:
+        return Response(status_code=499)
+    out, served = ran
+    body = text_response(out.text, out.finish_reason, out.prompt_tokens,
+                         out.completion_tokens, asked, response_id())
+    return JSONResponse(body, headers=served.headers())
+
+
+async def _stream(request: Request, state: AppState, asked: str, ask: GeminiAsk,
+                  endpoint: str) -> Response:
+    job = await _chat_job(state, asked, ask)
+    dispatcher = state.require_dispatcher()
+    deadline = deadline_s(request, state)
+    caller = caller_of(request)
+    local = dispatcher.chat_local
+    fmt = GeminiChunks(asked, response_id())
+    headers = {"Cache-Control": "no-cache"}
+    if local is not None:
+        route, _ = dispatcher.route_chat(job, deadline, caller.bulk)
+        if route.where == "local":  # token by token from the local batch
+            await check_quota(state, caller)
+            item = to_item(job)
+            await check_context(local, item)
+            events = await local.stream(item, bulk=caller.bulk)
+            return StreamingResponse(
+                stream_local(events, fmt, request, state, job, endpoint, asked, route.reason),
+                media_type="text/event-stream", headers={**headers, "x-spillway-route": "local"})
+    ran = await run_chat_job(request, state, endpoint, asked, job, deadline)
+    if ran is None:
+        return Response(status_code=499)
+    out, served = ran
+    result = ChatResult(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+    return StreamingResponse(stream_whole(result, fmt), media_type="text/event-stream",
+                             headers={**headers, **served.headers()})
+
+
+def _endpoint(version: str, method: str) -> str:
+    return f"/{version}/models/{{model}}:{method}"
+
+
+def _add(version: str) -> None:
+    generate = _endpoint(version, "generateContent")
+    stream = _endpoint(version, "streamGenerateContent")
+
+    async def generate_content(model: str, request: Request, state: State) -> Response:
+        ask = await _ask(request)
+        if wants_image(model, ask.config):
+            return await _images(request, state, model, ask, generate)
+        return await _text(request, state, model, ask, generate)
+
+    async def stream_generate_content(model: str, request: Request, state: State,
+                                      alt: str = "sse") -> Response:
+        if alt != "sse":
+            raise bad_request("Only alt=sse streaming is served.", param="alt")
+        ask = await _ask(request)
+        if wants_image(model, ask.config):
+            raise bad_request("Streaming is for text; ask for images with generateContent.",
+                              param="generationConfig.responseModalities")
+        return await _stream(request, state, model, ask, stream)
+
+    router.add_api_route(generate, generate_content, methods=["POST"],
+                         name=f"gemini_generate_{version}")
+    router.add_api_route(stream, stream_generate_content, methods=["POST"],
+                         name=f"gemini_stream_{version}")
+
+
+for _version in VERSIONS:
+    _add(_version)
