@@ -12,13 +12,10 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from PIL import Image
 
-from pipelines.vlm import ChatResult
 from server import media
-from server.auth import caller_of, check_quota
-from server.dispatch import check_context, to_item
 from server.errors import bad_request
 from server.protocol import ImageEditRequest, ImageGenerationRequest, to_edit_job, to_image_job
 from server.protocol_gemini import (
@@ -34,10 +31,10 @@ from server.protocol_gemini import (
 )
 from server.providers.base import ChatJob
 from server.router import cloud_of
-from server.routes.chat import _load_images, check_chat_model, run_chat_job
+from server.routes.chat import _load_images, check_chat_model
+from server.routes.chat_run import run_chat_job, stream_chat
 from server.routes.common import deadline_s
 from server.routes.images import check_image_model, run_image_job
-from server.routes.streaming import stream_local, stream_whole
 from server.state import AppState, State
 
 router = APIRouter()
@@ -140,29 +137,8 @@ async def _text(request: Request, state: AppState, asked: str, ask: GeminiAsk,
 async def _stream(request: Request, state: AppState, asked: str, ask: GeminiAsk,
                   endpoint: str) -> Response:
     job = await _chat_job(state, asked, ask)
-    dispatcher = state.require_dispatcher()
-    deadline = deadline_s(request, state)
-    caller = caller_of(request)
-    local = dispatcher.chat_local
-    fmt = GeminiChunks(asked, response_id())
-    headers = {"Cache-Control": "no-cache"}
-    if local is not None:
-        route, _ = dispatcher.route_chat(job, deadline, caller.bulk)
-        if route.where == "local":  # token by token from the local batch
-            await check_quota(state, caller)
-            item = to_item(job)
-            await check_context(local, item)
-            events = await local.stream(item, bulk=caller.bulk)
-            return StreamingResponse(
-                stream_local(events, fmt, request, state, job, endpoint, asked, route.reason),
-                media_type="text/event-stream", headers={**headers, "x-spillway-route": "local"})
-    ran = await run_chat_job(request, state, endpoint, asked, job, deadline)
-    if ran is None:
-        return Response(status_code=499)
-    out, served = ran
-    result = ChatResult(out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
-    return StreamingResponse(stream_whole(result, fmt), media_type="text/event-stream",
-                             headers={**headers, **served.headers()})
+    return await stream_chat(request, state, job, GeminiChunks(asked, response_id()),
+                             endpoint, asked, deadline_s(request, state))
 
 
 def _endpoint(version: str, method: str) -> str:
