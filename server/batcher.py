@@ -71,6 +71,17 @@ class Timing:
     batch_size: int
 
 
+@dataclass(frozen=True)
+class BatchDone:
+    """What an observer (metrics) hears after each pipeline call."""
+
+    name: str
+    size: int
+    device_s: float
+    queue_s: tuple[float, ...]  # how long each item of the batch waited
+    ok: bool
+
+
 def timing_of(future: Future[Any]) -> Timing | None:
     timing: Timing | None = getattr(future, "spillway_timing", None)
     return timing
@@ -172,6 +183,8 @@ class Batcher(Generic[T, R]):
         self._batches = 0
         self._items_done = 0
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+        # Told of each pipeline call, on the worker thread, before its results go out.
+        self.on_batch: Callable[[BatchDone], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -285,6 +298,7 @@ class Batcher(Generic[T, R]):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
             log.exception("%s: batch of %d failed", self.name, len(batch))
+            self._report(batch, started, self._clock() - started, ok=False)
             for p in batch:
                 p.future.set_exception(exc)
             return
@@ -296,8 +310,19 @@ class Batcher(Generic[T, R]):
             self._rate.add(len(batch) / elapsed)
             self._batches += 1
             self._items_done += len(batch)
+        self._report(batch, started, elapsed, ok=True)
         for p, result in zip(batch, results, strict=True):
             # Attached before the result, so whoever wakes on it can read it.
             p.future.spillway_timing = Timing(  # type: ignore[attr-defined]
                 started - p.enqueued, elapsed / len(batch), len(batch))
             p.future.set_result(result)
+
+    def _report(self, batch: list[Pending[T]], started: float, elapsed: float, ok: bool
+                ) -> None:
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(BatchDone(self.name, len(batch), elapsed,
+                                    tuple(started - p.enqueued for p in batch), ok))
+        except Exception:  # an observer must never stop the device thread
+            log.exception("%s: batch observer failed", self.name)

@@ -41,11 +41,13 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     """Start the HTTP server (OpenAI-compatible, under /v1)."""
     import uvicorn
 
+    from server import access_log
     from server.app import create_app
 
     settings = _settings(host=host, port=port, weights_dir=weights_dir)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access_log.configure(settings.access_log)
     app_ = create_app(settings)
 
     class Server(uvicorn.Server):
@@ -58,6 +60,7 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
 
     config = uvicorn.Config(app_, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(),
+                            access_log=False,  # ours has the route, cost and key name
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     Server(config).run()
 

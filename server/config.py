@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -147,6 +148,9 @@ class RouterSettings(BaseModel):
     default_deadline_ms: float = Field(30_000, gt=0)
     bulk_spill: bool = Field(False, description="may batch-job work spill to the cloud")
     local_failover: bool = Field(True, description="a local failure may retry on the cloud")
+    gemini_names: Literal["route", "explicit"] = Field(
+        "route", description="on the Gemini-compatible API, gemini-* model names mean a job "
+        "of that kind for the router (local first) or, with 'explicit', Gemini itself")
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)
     rate_limits: dict[str, RateLimit] = Field(default_factory=_default_limits)
@@ -172,6 +176,9 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="base for `url` responses; default: the request's")
     log_level: str = "info"
+    access_log: Literal["json", "text", "off"] = Field(
+        "json", description="`spillway serve`: one line per request on stdout, as a JSON "
+        "object (json), key=value pairs (text), or none (off)")
     batch: BatchSettings = BatchSettings()
     images: ImageSettings = ImageSettings()
     media: MediaSettings = MediaSettings()

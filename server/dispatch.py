@@ -74,6 +74,8 @@ class Dispatcher:
                          for name in CLOUDS}
         self.images_local: LocalImages | None = None
         self.chat_local: LocalChat | None = None
+        # Told of every ledger row (metrics); rows of batch-job items included.
+        self.on_record: Callable[[UsageRow], None] | None = None
         # Today's spend per route, read from the ledger at start (budgets survive restarts)
         # and kept current by record(): no query on the request path.
         self._day = datetime.now(UTC).date()
@@ -318,6 +320,8 @@ class Dispatcher:
         if row.outcome == "ok" and row.route != "local":
             spent = self._spent_today()
             spent[row.route] = spent.get(row.route, 0.0) + row.cost_usd
+        if self.on_record is not None:
+            self.on_record(row)
         if self.ledger is not None:
             ledger = self.ledger
             await asyncio.to_thread(ledger.record, row)

@@ -13,6 +13,7 @@ from server.dispatch import Dispatcher
 from server.errors import APIError
 from server.image_store import ImageStore
 from server.keys import KeyStore
+from server.metrics import Metrics
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 
@@ -34,6 +35,7 @@ class AppState:
     keys: KeyStore | None = None
     shutting_down: bool = False
     batches: BatchService | None = None
+    metrics: Metrics = field(default_factory=Metrics, repr=False)
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:

@@ -79,9 +79,11 @@ class Account:
 async def accounted(request: Request, state: AppState, endpoint: str, model: str | None,
                     images: int = 0) -> AsyncIterator[Account]:
     """One ledger row per request: what ran where, what it cost, or how it failed.
-    The caller's quota is checked first."""
+    The caller's quota is checked first. The account is left on ``request.state`` for
+    the access log and the request metrics (server/middleware.py)."""
     caller = caller_of(request)
     account = Account(endpoint, model or "auto", caller.name, caller.bulk, images)
+    request.state.account = account
     try:
         await check_quota(state, caller, images)
         yield account

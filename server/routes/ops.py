@@ -1,13 +1,14 @@
-"""Liveness, readiness and the model list."""
+"""Liveness, readiness, Prometheus metrics and the model list."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from server.auth import authenticate
+from server.metrics import CONTENT_TYPE_LATEST
 from server.state import State
 
 router = APIRouter()
@@ -25,6 +26,13 @@ async def readyz(state: State) -> JSONResponse:
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
     models = [m.model_id for m in (state.images, state.chat) if m is not None]
     return JSONResponse({"status": "ready", "models": models})
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    """Prometheus text format. No key, as Prometheus expects: it holds counts, not
+    secrets (no key names, no prompts)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models", dependencies=[Depends(authenticate)])
