@@ -24,10 +24,11 @@ from server.image_store import ImageStore
 from server.jobs import BatchService
 from server.keys import KeyStore
 from server.ledger import Ledger
+from server.metrics import Metrics
 from server.providers.base import CloudProvider
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
-from server.routes import batches, chat, images, ops, usage
+from server.routes import batches, chat, dashboard, gemini, images, ops, usage, web
 from server.state import AppState
 
 log = logging.getLogger("spillway")
@@ -121,6 +122,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
                                           settings.images.url_store_mb * 2**20),
                      chat_enabled=settings.vlm.enabled and chat_loader is not None,
                      images_enabled=loader is not None)
+    state.metrics = Metrics.for_app(state)
 
     async def load(what: str, build: Callable[[Settings], LocalImages | LocalChat]) -> None:
         try:
@@ -129,6 +131,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
             state.load_error = str(exc)
             log.exception("%s load failed: %s", what, exc)
             return
+        local.batcher.on_batch = state.metrics.observe_batch
         local.start()
         dispatcher = state.require_dispatcher()
         if isinstance(local, LocalImages):
@@ -145,6 +148,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         ledger = Ledger(settings.ledger_url)
         state.dispatcher = Dispatcher(settings, build_providers(settings), ledger)
+        state.dispatcher.on_record = state.metrics.observe_row
         state.keys = KeyStore(ledger)
         state.batches = BatchService(state)
         await state.batches.start()
@@ -183,7 +187,10 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     app.include_router(images.router, dependencies=[Depends(authenticate)])
     app.include_router(chat.router, dependencies=[Depends(authenticate)])
     app.include_router(usage.router, dependencies=[Depends(authenticate)])
+    app.include_router(dashboard.router, dependencies=[Depends(authenticate)])
+    app.include_router(web.router)  # the page needs no key; the API calls it makes do
     app.include_router(batches.router, dependencies=[Depends(authenticate)])
+    app.include_router(gemini.router, dependencies=[Depends(authenticate)])
     # RequestContext, with the Files API's larger body cap on POST /v1/files only.
     app.add_middleware(batches.UploadBodyLimit, max_body=int(settings.max_body_mb * 2**20))
     return app

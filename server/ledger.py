@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     DateTime,
     Dialect,
     Float,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Integer,
     SQLColumnExpression,
     String,
+    case,
     create_engine,
     event,
     func,
@@ -86,6 +88,20 @@ class UsageRow:
     at: datetime | None = None  # default: now (UTC)
 
 
+@dataclass(frozen=True)
+class MinuteBucket:
+    """Sums over one UTC minute and one route (``Ledger.per_minute``)."""
+
+    minute: datetime  # aware UTC, seconds zeroed
+    route: str
+    requests: int
+    images: int
+    cost_usd: float
+    cloud_equivalent_usd: float
+    latency_ms: float  # summed: divide by requests for the mean
+    errors: int  # requests whose outcome was not "ok"
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -122,6 +138,23 @@ def _day_bounds(now: datetime | None) -> tuple[datetime, datetime]:
     """[UTC midnight of ``now``, the next UTC midnight)."""
     day = _utc(now or datetime.now(UTC)).replace(hour=0, minute=0, second=0, microsecond=0)
     return day, day + timedelta(days=1)
+
+
+def _minute_of(at: Any, dialect: str) -> ColumnElement[str]:
+    """The UTC minute of a stored time, as text "YYYY-MM-DD HH:MM", in the backend's SQL
+    (times are stored naive UTC, so no zone conversion happens here)."""
+    if dialect == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M", at, type_=String)
+    if dialect == "postgresql":
+        return func.to_char(func.date_trunc("minute", at), "YYYY-MM-DD HH24:MI", type_=String)
+    if dialect in ("mysql", "mariadb"):
+        return func.date_format(at, "%Y-%m-%d %H:%i", type_=String)
+    raise ValueError(f"per-minute usage is not implemented for the {dialect!r} backend; "
+                     "use SQLite, PostgreSQL or MySQL")
+
+
+def _parse_minute(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
 
 
 def is_memory_sqlite(url: str) -> bool:
@@ -281,6 +314,36 @@ class Ledger:
                 "cloud_equivalent_usd": cloud_f, "savings_usd": cloud_f - cost_f,
             })
         return out
+
+    def per_minute(self, since: datetime, *, until: datetime | None = None,
+                   only_key: str | None = None) -> list[MinuteBucket]:
+        """Per-minute, per-route sums over [since, until): one grouped query, ordered by
+        minute then route. Minutes with no requests are absent; ``only_key`` keeps one
+        API key's rows."""
+        minute = _minute_of(UsageRecord.at, self.engine.dialect.name).label("minute")
+        q = select(
+            minute,
+            UsageRecord.route,
+            func.count(UsageRecord.id),
+            func.sum(UsageRecord.images),
+            func.sum(UsageRecord.cost_usd),
+            func.sum(UsageRecord.cloud_equivalent_usd),
+            func.sum(UsageRecord.latency_ms),
+            func.sum(case((UsageRecord.outcome == "ok", 0), else_=1)),
+        ).where(UsageRecord.at >= _utc(since)).group_by(minute, UsageRecord.route) \
+            .order_by(minute, UsageRecord.route)
+        if until is not None:
+            q = q.where(UsageRecord.at < _utc(until))
+        if only_key is not None:
+            q = q.where(UsageRecord.key_name == only_key)
+        with self._read() as s:
+            result = s.execute(q).all()
+        return [MinuteBucket(
+                    minute=_parse_minute(m), route=route, requests=int(n),
+                    images=int(images or 0), cost_usd=float(cost or 0.0),
+                    cloud_equivalent_usd=float(cloud or 0.0),
+                    latency_ms=float(latency or 0.0), errors=int(errors or 0))
+                for m, route, n, images, cost, cloud, latency, errors in result]
 
     def rows(self, limit: int = 100) -> list[UsageRow]:
         """The latest ``limit`` rows, newest first."""
