@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -36,8 +36,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import Select
 from sqlalchemy.types import TypeDecorator
 
+Q = TypeVar("Q", bound="Select[*tuple[Any, ...]]")  # any SELECT, its columns kept
 LOCAL_ROUTE = "local"
 TOTAL_BUDGET = "total"
 GROUPS = ("route", "model", "day", "endpoint", "key")
@@ -294,12 +296,7 @@ class Ledger:
             func.sum(UsageRecord.cost_usd),
             func.sum(UsageRecord.cloud_equivalent_usd),
         ).group_by(g).order_by(g)
-        if since is not None:
-            q = q.where(UsageRecord.at >= _utc(since))
-        if until is not None:
-            q = q.where(UsageRecord.at < _utc(until))
-        if only_key is not None:
-            q = q.where(UsageRecord.key_name == only_key)
+        q = _within(q, since, until, only_key)
         with self._read() as s:
             result = s.execute(q).all()
         out: list[dict[str, Any]] = []
@@ -330,12 +327,8 @@ class Ledger:
             func.sum(UsageRecord.cloud_equivalent_usd),
             func.sum(UsageRecord.latency_ms),
             func.sum(case((UsageRecord.outcome == "ok", 0), else_=1)),
-        ).where(UsageRecord.at >= _utc(since)).group_by(minute, UsageRecord.route) \
-            .order_by(minute, UsageRecord.route)
-        if until is not None:
-            q = q.where(UsageRecord.at < _utc(until))
-        if only_key is not None:
-            q = q.where(UsageRecord.key_name == only_key)
+        ).group_by(minute, UsageRecord.route).order_by(minute, UsageRecord.route)
+        q = _within(q, since, until, only_key)
         with self._read() as s:
             result = s.execute(q).all()
         return [MinuteBucket(
@@ -368,6 +361,17 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _within(q: Q, since: datetime | None, until: datetime | None, only_key: str | None) -> Q:
+    """Rows at or after ``since``, before ``until``, of one key: each only if given."""
+    if since is not None:
+        q = q.where(UsageRecord.at >= _utc(since))
+    if until is not None:
+        q = q.where(UsageRecord.at < _utc(until))
+    if only_key is not None:
+        q = q.where(UsageRecord.key_name == only_key)
+    return q
 
 
 def within_budget(spent_by_route: dict[str, float], route: str, cost_estimate: float,
