@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from server.errors import APIError
+from server.errors import APIError, is_gemini_path
 from server.keys import KeyInfo
 from server.state import AppState, State
 
@@ -28,7 +28,10 @@ def _token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     if header[:7].lower() == "bearer ":
         return header[7:].strip()
-    return request.headers.get("x-goog-api-key", "").strip()
+    goog = request.headers.get("x-goog-api-key", "").strip()
+    if not goog and is_gemini_path(request.url.path):
+        goog = request.query_params.get("key", "").strip()  # Google's REST examples: ?key=
+    return goog
 
 
 def _unauthorized(message: str) -> APIError:

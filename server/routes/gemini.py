@@ -14,6 +14,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
+from pydantic import ValidationError
 
 from server import media
 from server.errors import bad_request
@@ -56,8 +57,6 @@ def _model(state: AppState, asked: str, image: bool) -> str:
 
 def _validated(model: type[ImageGenerationRequest], **fields: object) -> ImageGenerationRequest:
     """The OpenAI request the Gemini one maps to, checked by the same rules."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(fields)
     except ValidationError as exc:

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
-from server.config import GeminiSettings, RateLimit, RouterSettings, Settings
+from server.config import BatchSettings, GeminiSettings, RateLimit, RouterSettings, Settings
 from server.keys import KeyStore
 from server.ledger import Ledger
 from server.providers.local import LocalImages
@@ -308,13 +308,30 @@ def test_keys_in_x_goog_api_key_and_quota_as_resource_exhausted(tiny_weights: Pa
                 model="gemini-2.5-flash-image", contents="a cat", config=config)
         assert exc.value.code == 401 and exc.value.status == "UNAUTHENTICATED"
         assert "wrong-key" not in str(exc.value)
+        # curl users put the key in the query, as Google's REST examples do
+        hello = {"contents": [{"parts": [{"text": "x"}]}],
+                 "generationConfig": {"responseModalities": ["IMAGE"]}}
+        r2 = httpx.post(f"{base}/v1beta/models/sdxl-turbo:generateContent?key=wrong-key",
+                        json=hello)
+        _gemini_error(r2, 401, "UNAUTHENTICATED")
+        assert "wrong-key" not in r2.text
         beta = sdk(base, "v1beta", key=key)
         with pytest.raises(genai_errors.ClientError) as exc:
             beta.models.generate_content(
                 model="gemini-2.5-flash-image", contents="a cat", config=config)
         assert exc.value.code == 429 and exc.value.status == "RESOURCE_EXHAUSTED"
-        totals = Ledger(url).totals(only_key="gemini-team")
-        assert totals is not None
+        r3 = httpx.post(f"{base}/v1beta/models/sdxl-turbo:generateContent?key={key}",
+                        json=hello)  # accepted (else 401), and over its quota too
+        _gemini_error(r3, 429, "RESOURCE_EXHAUSTED")
+        # the ledger has the answered request under the key's name and the asked model,
+        # and the refused one at no cost
+        rows = [r for r in Ledger(url).rows() if r.key_name == "gemini-team"]
+        assert [(r.status, r.route, r.images, r.model) for r in reversed(rows)] == [
+            (200, "local", 1, "gemini-2.5-flash-image"),
+            (429, "none", 0, "gemini-2.5-flash-image"),
+            (429, "none", 0, "sdxl-turbo")]
+        assert rows[-1].endpoint == "/v1/models/{model}:generateContent"
+        assert all(r.cost_usd == 0 for r in rows[:2])
 
 
 def test_router_spills_gemini_calls_to_gemini(tiny_weights: Path, device: Device,
@@ -380,3 +397,39 @@ def test_explicit_gemini_names_reach_gemini(tiny_weights: Path, tmp_path: Path) 
             with pytest.raises(genai_errors.APIError) as exc:
                 client.models.generate_content(model="local-vlm", contents="hi")
             assert exc.value.code in (404, 503)
+
+
+def test_full_queue_is_resource_exhausted_with_retry_info(
+        tiny_weights: Path, device: Device, weights: WeightsInfo, tmp_path: Path) -> None:
+    settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db",
+                        batch=BatchSettings(max_queue=10))
+    settings.images.default_size = "256x256"
+    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 60)
+    with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base:
+        device.gate.clear()
+        with ThreadPoolExecutor(2) as pool:
+            def fill(prompt: str) -> Any:
+                return pool.submit(httpx.post, f"{base}/v1/images/generations", timeout=60,
+                                   json={"prompt": prompt, "n": 10, "size": "256x256"})
+
+            running = fill("on the device")
+            wait_for(device.busy.is_set)
+            waiting = fill("in the queue")  # 10 queued: the queue is full
+            wait_for(lambda: httpx.get(f"{base}/v1/models").json()["data"][0]["spillway"]
+                     ["queued"] == 10)
+            client = genai.Client(api_key="x", http_options=types.HttpOptions(
+                base_url=base, api_version="v1", timeout=10_000))
+            try:
+                with pytest.raises(genai_errors.ClientError) as exc:
+                    client.models.generate_content(
+                        model="sdxl-turbo", contents="one more",
+                        config=types.GenerateContentConfig(response_modalities=["IMAGE"]))
+            finally:
+                device.gate.set()
+            assert running.result().status_code == 200
+            assert waiting.result().status_code == 200
+    assert exc.value.code == 429 and exc.value.status == "RESOURCE_EXHAUSTED"
+    details = exc.value.details["error"]["details"]
+    retry = [d for d in details if d["@type"].endswith("google.rpc.RetryInfo")]
+    assert retry and retry[0]["retryDelay"].endswith("s")
+    assert int(retry[0]["retryDelay"][:-1]) >= 1
