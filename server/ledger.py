@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,6 +102,10 @@ class MinuteBucket:
     cloud_equivalent_usd: float
     latency_ms: float  # summed: divide by requests for the mean
     errors: int  # requests whose outcome was not "ok"
+
+
+# A row's fields are the record's columns, by name (the record adds its id).
+_ROW_FIELDS = tuple(f.name for f in fields(UsageRow))
 
 
 class Base(DeclarativeBase):
@@ -218,15 +222,9 @@ class Ledger:
 
     def record(self, row: UsageRow) -> int:
         """Store one request; returns its id."""
-        rec = UsageRecord(
-            at=_utc(row.at) if row.at is not None else datetime.now(UTC),
-            endpoint=row.endpoint, model=row.model, route=row.route,
-            upstream_model=row.upstream_model, outcome=row.outcome, status=row.status,
-            images=row.images, prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens, device_seconds=row.device_seconds,
-            cost_usd=row.cost_usd, cloud_equivalent_usd=row.cloud_equivalent_usd,
-            latency_ms=row.latency_ms, queue_ms=row.queue_ms, request_id=row.request_id,
-            key_name=row.key_name, reason=row.reason)
+        values = {name: getattr(row, name) for name in _ROW_FIELDS}
+        values["at"] = _utc(row.at) if row.at is not None else datetime.now(UTC)
+        rec = UsageRecord(**values)
         with self._write_lock, Session(self.engine) as s, s.begin():
             s.add(rec)
             s.flush()
@@ -344,14 +342,8 @@ class Ledger:
              .order_by(UsageRecord.at.desc(), UsageRecord.id.desc()).limit(limit))
         with self._read() as s:
             recs = s.execute(q).scalars().all()
-            return [UsageRow(
-                endpoint=r.endpoint, model=r.model, route=r.route,
-                upstream_model=r.upstream_model, outcome=r.outcome, status=r.status,
-                images=r.images, prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens, device_seconds=r.device_seconds,
-                cost_usd=r.cost_usd, cloud_equivalent_usd=r.cloud_equivalent_usd,
-                latency_ms=r.latency_ms, queue_ms=r.queue_ms, request_id=r.request_id,
-                key_name=r.key_name, reason=r.reason, at=r.at) for r in recs]
+            return [UsageRow(**{name: getattr(r, name) for name in _ROW_FIELDS})
+                    for r in recs]
 
     def close(self) -> None:
         self.engine.dispose()
