@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -113,9 +114,18 @@ def gemini_body(err: APIError) -> dict[str, Any]:
     return {"error": body}
 
 
-def error_response(err: APIError, path: str = "") -> JSONResponse:
-    """The error in the shape of the API the path belongs to (OpenAI unless Gemini)."""
-    body = gemini_body(err) if is_gemini_path(path) else err.body()
+def google_client(headers: Mapping[str, str]) -> bool:
+    """The google-genai SDK says who it is; paths it shares with the OpenAI API
+    (``/v1/models``) answer it in Google's shape."""
+    return "x-goog-api-client" in headers
+
+
+def error_response(err: APIError, path: str = "",
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The error in the shape of the API the path (or the client) belongs to: OpenAI's
+    unless Gemini's."""
+    google = is_gemini_path(path) or (headers is not None and google_client(headers))
+    body = gemini_body(err) if google else err.body()
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
@@ -132,22 +142,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc, request.url.path)
+        return error_response(exc, request.url.path, request.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return error_response(APIError(400, message, param=param, code="invalid_value"),
-                              request.url.path)
+                              request.url.path, request.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(exc.status_code, str(exc.detail),
                        type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
                        code=_STATUS_CODES.get(exc.status_code))
-        return error_response(err, request.url.path)
+        return error_response(err, request.url.path, request.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(server_error(), request.url.path)
+        return error_response(server_error(), request.url.path, request.headers)

@@ -256,6 +256,15 @@ def job_model(asked: str, image: bool, *, cloud_names: str, vlm_aliases: list[st
                    code="model_not_found")
 
 
+def model_entry(name: str, display: str, description: str, methods: list[str],
+                input_limit: int, output_limit: int) -> dict[str, Any]:
+    """A Gemini ``Model`` resource, as ``models.get`` and ``models.list`` return it."""
+    return {"name": f"models/{name}", "baseModelId": name, "version": "spillway",
+            "displayName": display, "description": description,
+            "inputTokenLimit": input_limit, "outputTokenLimit": output_limit,
+            "supportedGenerationMethods": methods}
+
+
 def response_id() -> str:
     return uuid.uuid4().hex[:24]
 

@@ -10,6 +10,7 @@ Google's shape (server/errors.py picks it by path); the key may come in ``x-goog
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -17,13 +18,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from server import media
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 from server.protocol import ImageEditRequest, ImageGenerationRequest, to_edit_job, to_image_job
 from server.protocol_gemini import (
     GeminiAsk,
     GeminiChunks,
     images_response,
     job_model,
+    model_entry,
     parse_request,
     response_id,
     size_for,
@@ -138,6 +140,50 @@ async def _stream(request: Request, state: AppState, asked: str, ask: GeminiAsk,
     job = await _chat_job(state, asked, ask)
     return await stream_chat(request, state, job, GeminiChunks(asked, response_id()),
                              endpoint, asked, deadline_s(request, state))
+
+
+def gemini_models(state: AppState) -> list[dict[str, Any]]:
+    """What ``client.models.list()`` shows: the local models that are enabled, and the
+    Gemini names this box answers (through the router, or Gemini itself if explicit)."""
+    settings = state.settings
+    cap = settings.vlm.max_tokens_cap
+    context = state.chat.context_length if state.chat is not None else cap
+    text_methods = ["generateContent", "streamGenerateContent"]
+    routed = ("served through Spillway's router: local first, spilled when the queue "
+              "would miss the deadline" if settings.router.gemini_names == "route"
+              else "sent to Gemini")
+    models = []
+    if state.images_enabled:
+        models.append(model_entry("sdxl-turbo", "SDXL-Turbo (local)",
+                                  "Text-to-image and image-to-image on this box.",
+                                  ["generateContent"], 77, 0))
+    if state.chat_enabled:
+        models.append(model_entry("local-vlm", "Vision-language model (local)",
+                                  "Image understanding on this box.", text_methods,
+                                  context, cap))
+    for name, methods in ((settings.gemini.image_model, ["generateContent"]),
+                          (settings.gemini.vision_model, text_methods)):
+        models.append(model_entry(name, name, f"{name}, {routed}.", methods, context, cap))
+    return models
+
+
+def gemini_model(state: AppState, name: str) -> dict[str, Any]:
+    name = name.removeprefix("models/")
+    for model in gemini_models(state):
+        if model["name"] == f"models/{name}":
+            return model
+    raise APIError(404, f"models/{name} is not found.", type="not_found_error",
+                   param="model", code="model_not_found")
+
+
+@router.get("/v1beta/models")
+async def list_models_v1beta(state: State) -> dict[str, Any]:
+    return {"models": gemini_models(state)}
+
+
+@router.get("/v1beta/models/{model}")
+async def get_model_v1beta(model: str, state: State) -> dict[str, Any]:
+    return gemini_model(state, model)
 
 
 def _endpoint(version: str, method: str) -> str:

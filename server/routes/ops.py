@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.auth import authenticate
+from server.errors import google_client, model_not_found
 from server.metrics import CONTENT_TYPE_LATEST
-from server.state import State
+from server.routes import gemini
+from server.state import AppState, State
 
 router = APIRouter()
 
@@ -36,7 +38,24 @@ async def metrics(state: State) -> Response:
 
 
 @router.get("/v1/models", dependencies=[Depends(authenticate)])
-async def list_models(state: State) -> dict[str, Any]:
+async def list_models(request: Request, state: State) -> dict[str, Any]:
+    """The OpenAI model list; the google-genai SDK (3.x calls /v1) gets Gemini's."""
+    if google_client(request.headers):
+        return {"models": gemini.gemini_models(state)}
+    return {"object": "list", "data": _openai_models(state)}
+
+
+@router.get("/v1/models/{model}", dependencies=[Depends(authenticate)])
+async def get_model(model: str, request: Request, state: State) -> dict[str, Any]:
+    if google_client(request.headers):
+        return gemini.gemini_model(state, model)
+    for entry in _openai_models(state):
+        if entry["id"] == model:
+            return entry
+    raise model_not_found(model)
+
+
+def _openai_models(state: AppState) -> list[dict[str, Any]]:
     data = []
     for local in (state.images, state.chat):
         if local is None:
@@ -56,4 +75,4 @@ async def list_models(state: State) -> dict[str, Any]:
                 "items_per_s": snap.items_per_s,
             },
         })
-    return {"object": "list", "data": data}
+    return data

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from google import genai
 from google.genai import errors as genai_errors
@@ -433,3 +434,25 @@ def test_full_queue_is_resource_exhausted_with_retry_info(
     retry = [d for d in details if d["@type"].endswith("google.rpc.RetryInfo")]
     assert retry and retry[0]["retryDelay"].endswith("s")
     assert int(retry[0]["retryDelay"][:-1]) >= 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_models_list_and_get(base_url: str, version: str) -> None:
+    """``client.models.list()/get()`` work on both versions; on /v1 the path is shared
+    with the OpenAI API, which keeps its own shape for its own SDK."""
+    client = sdk(base_url, version)
+    names = {m.name for m in client.models.list()}
+    assert {"models/sdxl-turbo", "models/local-vlm", "models/gemini-2.5-flash",
+            "models/gemini-2.5-flash-image"} <= names
+    vlm = client.models.get(model="local-vlm")
+    assert vlm.supported_actions is not None and "streamGenerateContent" in vlm.supported_actions
+    assert vlm.input_token_limit and vlm.output_token_limit
+    with pytest.raises(genai_errors.ClientError) as exc:
+        client.models.get(model="no-such-model")
+    assert exc.value.code == 404 and exc.value.status == "NOT_FOUND"
+    oa = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+    assert {m.id for m in oa.models.list()} == {"sdxl-turbo", "local-vlm"}
+    assert oa.models.retrieve("sdxl-turbo").owned_by == "spillway"
+    with pytest.raises(openai.NotFoundError) as oexc:
+        oa.models.retrieve("no-such-model")
+    assert oexc.value.body["code"] == "model_not_found"  # type: ignore[index]
