@@ -71,6 +71,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from pipelines.vlm import ChatResult
 from server import media
 from server.auth import Caller, check_quota
+from server.config import MediaSettings
 from server.errors import APIError, bad_request, server_error
 from server.ledger import UsageRow, is_memory_sqlite, open_engine
 from server.protocol import (
@@ -862,10 +863,7 @@ class BatchService:
                                   param="stream", code="unsupported_value")
             check_chat_model(self.state, chat.model)
             parsed = parse_messages(chat.messages)
-            limit = settings.media.max_images_per_request
-            if len(parsed.images) > limit:
-                raise bad_request(f"{len(parsed.images)} images in one request; the limit "
-                                  f"is {limit}.", param="messages", code="too_many_images")
+            media.check_count(len(parsed.images), settings.media, param="messages")
             max_tokens_of(chat, settings.vlm.default_max_tokens, settings.vlm.max_tokens_cap)
             stop_strings(chat.stop)
             return body
@@ -875,7 +873,7 @@ class BatchService:
             to_image_job(gen, gen.model or "auto", settings.images)
         else:
             fields = dict(body)
-            _edit_refs(fields.pop("images", None), settings.media.max_images_per_request)
+            _edit_refs(fields.pop("images", None), settings.media)
             if "mask" in fields:
                 raise bad_request("Masks (inpainting) are not supported.", param="mask",
                                   code="unsupported_value")
@@ -1028,7 +1026,7 @@ class BatchService:
             image_job = to_image_job(gen, gen.model or "auto", settings.images)
         else:
             fields = dict(body)
-            refs = _edit_refs(fields.pop("images", None), settings.media.max_images_per_request)
+            refs = _edit_refs(fields.pop("images", None), settings.media)
             edit = ImageEditRequest.model_validate(fields)
             sources = [await media.load_image(ref, settings.media, param=f"images[{i}]")
                        for i, ref in enumerate(refs)]
@@ -1185,15 +1183,13 @@ class BatchService:
         return self.file_path(file_id), row
 
 
-def _edit_refs(raw: Any, limit: int) -> list[str]:
+def _edit_refs(raw: Any, settings: MediaSettings) -> list[str]:
     """``images: [{"image_url": "data:… | https://…"}]`` in a JSON edit body."""
     if not isinstance(raw, list) or not raw or not all(
             isinstance(r, dict) and isinstance(r.get("image_url"), str) for r in raw):
         raise bad_request("images must be a non-empty list of {\"image_url\": ...}.",
                           param="images")
-    if len(raw) > limit:
-        raise bad_request(f"{len(raw)} images in one request; the limit is {limit}.",
-                          param="images", code="too_many_images")
+    media.check_count(len(raw), settings, param="images")
     return [str(r["image_url"]) for r in raw]
 
 

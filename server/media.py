@@ -99,6 +99,14 @@ async def load_image(ref: str, media: MediaSettings, *, param: str = "image_url"
                   "or data.", "invalid_image_url")
 
 
+def check_count(count: int, media: MediaSettings, *, param: str) -> None:
+    """At most ``max_images_per_request`` images in one request, whatever the API."""
+    limit = media.max_images_per_request
+    if count > limit:
+        raise APIError(400, f"{count} images in one request; the limit is {limit}.",
+                       param=param, code="too_many_images")
+
+
 def decode_image_bytes(data: bytes, media: MediaSettings, *,
                        param: str = "image") -> Image.Image:
     """Decode an encoded image (PNG, JPEG, WEBP, GIF first frame) to RGB, within the caps."""

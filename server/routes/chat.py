@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipelines.vlm import ChatResult, fit_pixels
 from server import media
-from server.errors import APIError, bad_request, model_not_found
+from server.errors import APIError, model_not_found
 from server.protocol_chat import (
     ChatRequest,
     ImageRef,
@@ -41,7 +41,7 @@ def check_chat_model(state: AppState, model: str) -> None:
                        param="model", code="model_not_found")
 
 
-async def _load_images(refs: list[ImageRef], state: AppState) -> list[Image.Image]:
+async def load_images(refs: list[ImageRef], state: AppState) -> list[Image.Image]:
     settings = state.settings
 
     async def one(ref: ImageRef) -> Image.Image:
@@ -57,15 +57,12 @@ async def chat_job_from(body: ChatRequest, state: AppState) -> ChatJob:
     # 1. Cheap checks first: nothing is fetched or decoded for a request that will fail.
     check_chat_model(state, body.model)
     parsed = parse_messages(body.messages)
-    limit = state.settings.media.max_images_per_request
-    if len(parsed.images) > limit:
-        raise bad_request(f"{len(parsed.images)} images in one request; the limit is {limit}.",
-                          param="messages", code="too_many_images")
+    media.check_count(len(parsed.images), state.settings.media, param="messages")
     vlm = state.settings.vlm
     max_tokens = max_tokens_of(body, vlm.default_max_tokens, vlm.max_tokens_cap)
     stops = stop_strings(body.stop)
     # 2. Images in, through the one intake path.
-    images = await _load_images(parsed.images, state)
+    images = await load_images(parsed.images, state)
     temperature = 1.0 if body.temperature is None else body.temperature
     return ChatJob(body.model, parsed.messages, images, max_tokens, temperature,
                    body.top_p or 1.0, stops, body.seed)

@@ -34,7 +34,7 @@ from server.protocol_gemini import (
 )
 from server.providers.base import ChatJob
 from server.router import cloud_of
-from server.routes.chat import _load_images, check_chat_model
+from server.routes.chat import check_chat_model, load_images
 from server.routes.chat_run import run_chat_job, stream_chat
 from server.routes.common import deadline_s
 from server.routes.images import check_image_model, run_image_job
@@ -80,10 +80,7 @@ async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
     fields = {"prompt": ask.prompt, "n": cfg.candidate_count, "seed": cfg.seed,
               "response_format": "b64_json", "output_format": "png"}
     if ask.sources:  # image(s) in, image out: an edit of the first source(s)
-        limit = state.settings.media.max_images_per_request
-        if len(ask.sources) > limit:
-            raise bad_request(f"{len(ask.sources)} images in one request; the limit is "
-                              f"{limit}.", param="contents", code="too_many_images")
+        media.check_count(len(ask.sources), state.settings.media, param="contents")
         sources: list[Image.Image] = list(await asyncio.gather(*(
             media.load_image(ref.url, state.settings.media, param=ref.param)
             for ref in ask.sources)))
@@ -105,10 +102,7 @@ async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
 async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
     model = _model(state, asked, image=False)
     check_chat_model(state, model)
-    limit = state.settings.media.max_images_per_request
-    if len(ask.sources) > limit:
-        raise bad_request(f"{len(ask.sources)} images in one request; the limit is {limit}.",
-                          param="contents", code="too_many_images")
+    media.check_count(len(ask.sources), state.settings.media, param="contents")
     cfg, vlm = ask.config, state.settings.vlm
     if cfg.candidate_count > 1:
         raise bad_request("candidateCount above 1 is supported for images only.",
@@ -117,7 +111,7 @@ async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
     if max_tokens > vlm.max_tokens_cap:
         raise bad_request(f"maxOutputTokens is {max_tokens}; this server allows at most "
                           f"{vlm.max_tokens_cap}.", param="generationConfig.maxOutputTokens")
-    images = await _load_images(ask.sources, state)
+    images = await load_images(ask.sources, state)
     return ChatJob(model, ask.messages, images, max_tokens,
                    1.0 if cfg.temperature is None else cfg.temperature,
                    1.0 if cfg.top_p is None else cfg.top_p, cfg.stop, cfg.seed)

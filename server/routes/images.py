@@ -138,9 +138,7 @@ async def _edit_inputs(request: Request, state: AppState
                           code="unsupported_value")
     if not sources:
         raise bad_request("images/edits needs at least one image.", param="image")
-    if len(sources) > limit:
-        raise bad_request(f"{len(sources)} images in one request; the limit is {limit}.",
-                          param="image", code="too_many_images")
+    media.check_count(len(sources), state.settings.media, param="image")
     try:
         req = ImageEditRequest.model_validate(fields)
     except ValidationError as exc:
