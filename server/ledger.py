@@ -311,10 +311,11 @@ class Ledger:
         return out
 
     def per_minute(self, since: datetime, *, until: datetime | None = None,
-                   only_key: str | None = None) -> list[MinuteBucket]:
+                   only_key: str | None = None, ids: tuple[int, int] | None = None
+                   ) -> list[MinuteBucket]:
         """Per-minute, per-route sums over [since, until): one grouped query, ordered by
         minute then route. Minutes with no requests are absent; ``only_key`` keeps one
-        API key's rows."""
+        API key's rows; ``ids=(after, upto)`` only rows with ``after < id <= upto``."""
         minute = _minute_of(UsageRecord.at, self.engine.dialect.name).label("minute")
         q = select(
             minute,
@@ -327,6 +328,8 @@ class Ledger:
             func.sum(case((UsageRecord.outcome == "ok", 0), else_=1)),
         ).group_by(minute, UsageRecord.route).order_by(minute, UsageRecord.route)
         q = _within(q, since, until, only_key)
+        if ids is not None:
+            q = q.where(UsageRecord.id > ids[0], UsageRecord.id <= ids[1])
         with self._read() as s:
             result = s.execute(q).all()
         return [MinuteBucket(
@@ -335,6 +338,11 @@ class Ledger:
                     cloud_equivalent_usd=float(cloud or 0.0),
                     latency_ms=float(latency or 0.0), errors=int(errors or 0))
                 for m, route, n, images, cost, cloud, latency, errors in result]
+
+    def last_id(self) -> int:
+        """The newest row's id (0 when empty): rows are numbered in the order recorded."""
+        with self._read() as s:
+            return int(s.execute(select(func.max(UsageRecord.id))).scalar() or 0)
 
     def rows(self, limit: int = 100) -> list[UsageRow]:
         """The latest ``limit`` rows, newest first."""

@@ -18,6 +18,7 @@ from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 
 if TYPE_CHECKING:
+    from server.dashboard_reads import DashboardReads
     from server.jobs import BatchService
 
 
@@ -35,6 +36,7 @@ class AppState:
     keys: KeyStore | None = None
     shutting_down: bool = False
     batches: BatchService | None = None
+    dashboard_reads: DashboardReads | None = None  # made on the first GET /v1/dashboard
     metrics: Metrics = field(default_factory=Metrics, repr=False)
 
     def require_dispatcher(self) -> Dispatcher:

@@ -10,20 +10,19 @@ from fastapi import APIRouter, Request
 
 from server import dashboard
 from server.auth import caller_of
-from server.ledger import Ledger, MinuteBucket
-from server.state import State
+from server.dashboard_reads import DashboardReads
+from server.state import AppState, State
 
 router = APIRouter()
 
 
-def _read(ledger: Ledger | None, now: datetime, only_key: str | None
-          ) -> tuple[list[dict[str, Any]], list[MinuteBucket]]:
+def _reads(state: AppState) -> DashboardReads | None:
+    ledger = state.require_dispatcher().ledger
     if ledger is None:
-        return [], []
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    today = ledger.totals(since=midnight, group_by="route", only_key=only_key)
-    buckets = ledger.per_minute(dashboard.window_start(now), only_key=only_key)
-    return today, buckets
+        return None
+    if state.dashboard_reads is None or state.dashboard_reads.ledger is not ledger:
+        state.dashboard_reads = DashboardReads(ledger)
+    return state.dashboard_reads
 
 
 @router.get("/v1/dashboard")
@@ -33,6 +32,7 @@ async def get_dashboard(request: Request, state: State) -> dict[str, Any]:
     only_key = caller.name if caller.key is not None else None
     now = datetime.now(UTC)
     live = dashboard.read_live(state)
-    today, buckets = await asyncio.to_thread(
-        _read, state.require_dispatcher().ledger, now, only_key)
+    reads = _reads(state)
+    today, buckets = ([], []) if reads is None else await asyncio.to_thread(
+        reads.read, now, only_key)
     return dashboard.build(now=now, today=today, buckets=buckets, live=live, key=only_key)
