@@ -52,11 +52,22 @@ class ParsedChat:
     images: list[ImageRef]
 
 
+def text_value(value: Any, param: str, need: str = "text must be a string.") -> str:
+    """A text field of a request, as a tokenizer can take it. JSON allows ``\\ud800``,
+    a lone surrogate no encoder accepts: it gets a 400 here, not a 500 in the model."""
+    if not isinstance(value, str):
+        raise bad_request(need, param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"Invalid text: a lone surrogate (\\u{ord(value[exc.start]):04x}) "
+                          f"at character {exc.start} is not a Unicode character.",
+                          param=param) from None
+    return value
+
+
 def _text_of(part: dict[str, Any], where: str) -> str:
-    text = part.get("text")
-    if not isinstance(text, str):
-        raise bad_request("A text part needs a string 'text'.", param=where)
-    return text
+    return text_value(part.get("text"), where, "A text part needs a string 'text'.")
 
 
 def _image_of(part: dict[str, Any], where: str) -> ImageRef:
@@ -85,7 +96,8 @@ def parse_messages(raw: list[dict[str, Any]]) -> ParsedChat:
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, str):
-            messages.append({"role": role, "content": [{"type": "text", "text": content}]})
+            text = text_value(content, f"{where}.content")
+            messages.append({"role": role, "content": [{"type": "text", "text": text}]})
             continue
         if not isinstance(content, list) or not content:
             raise bad_request("Message content must be a string or a non-empty list of parts.",

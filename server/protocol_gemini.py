@@ -19,7 +19,7 @@ from typing import Any
 from pipelines.vlm import ChatResult, Message
 from server.config import ImageSettings
 from server.errors import APIError, bad_request, gemini_body
-from server.protocol_chat import ImageRef
+from server.protocol_chat import ImageRef, text_value
 
 ROLES = {"user": "user", "model": "assistant"}
 MODALITIES = {"TEXT", "IMAGE"}
@@ -91,6 +91,8 @@ def parse_config(raw: Any) -> GenerationConfig:
             isinstance(s, str) and s for s in stops):
         raise bad_request("stopSequences takes up to 5 non-empty strings.",
                           param=f"{where}.stopSequences")
+    for i, stop in enumerate(stops):
+        text_value(stop, f"{where}.stopSequences[{i}]")
     modalities = _get(raw, "responseModalities") or []
     if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
         raise bad_request("responseModalities must be a list such as [\"TEXT\", \"IMAGE\"].",
@@ -187,9 +189,7 @@ def _content(raw: Any, where: str, sources: list[ImageRef]) -> Message:
         if "thought" in part and part.get("thought"):
             continue  # thought summaries from an earlier answer carry no input
         if "text" in part:
-            if not isinstance(part["text"], str):
-                raise bad_request("text must be a string.", param=f"{pwhere}.text")
-            out.append({"type": "text", "text": part["text"]})
+            out.append({"type": "text", "text": text_value(part["text"], f"{pwhere}.text")})
         elif any(_get(part, k) is not None for k in ("inlineData", "fileData")):
             if role != "user":
                 raise bad_request("Images are accepted in user turns only.", param=pwhere)

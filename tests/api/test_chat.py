@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,10 @@ BAD = [
     ({"messages": [{"role": "user", "content": [image_part(data_url((1, 1, 1)))] * 9}]},
      400, "messages"),
     ({"messages": [{"role": "user", "content": "word " * 1000}]}, 400, "messages"),
+    # JSON can carry a lone surrogate (\ud800) that no tokenizer takes
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}],
+      "stream": True}, 400, "messages[0].content[0]"),
 ]
 
 
@@ -170,7 +175,8 @@ BAD = [
 def test_bad_input(base_url: str, change: dict[str, object], status: int, param: str) -> None:
     body = {"model": "local-vlm", "max_tokens": 4,
             "messages": [{"role": "user", "content": "hi"}], **change}
-    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
+    r = httpx.post(f"{base_url}/v1/chat/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -161,8 +162,10 @@ def test_streaming_matches_the_whole_answer(base_url: str, version: str) -> None
 
 def _raw(base: str, body: Any, model: str = "gemini-2.5-flash", version: str = "v1beta",
          **headers: str) -> httpx.Response:
-    return httpx.post(f"{base}/{version}/models/{model}:generateContent", json=body,
-                      headers=headers, timeout=60)
+    # json.dumps, not httpx's json=: it escapes lone surrogates instead of failing on them
+    return httpx.post(f"{base}/{version}/models/{model}:generateContent",
+                      content=json.dumps(body),
+                      headers={"content-type": "application/json", **headers}, timeout=60)
 
 
 def test_inline_data_spellings_and_alphabets(base_url: str) -> None:
@@ -213,6 +216,10 @@ BAD = [
       "generationConfig": {"maxOutputTokens": 10**9}}, "maxOutputTokens"),
     ({"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
       "generationConfig": {"candidateCount": 2}}, "candidateCount"),
+    # JSON can carry a lone surrogate (\ud800) that no tokenizer takes
+    ({"contents": [{"role": "user", "parts": [{"text": "hi \ud800"}]}]}, "surrogate"),
+    ({"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+      "generationConfig": {"stopSequences": ["\udfff"]}}, "surrogate"),
     ({"contents": [{"role": "user", "parts": [
         {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png((1, 2, 3))).decode()}}
         for _ in range(9)]}]}, "limit"),
