@@ -184,6 +184,14 @@ def _endpoint(version: str, method: str) -> str:
     return f"/{version}/models/{{model}}:{method}"
 
 
+async def other_method(model: str, method: str) -> Response:
+    """countTokens, embedContent...: a clear 404 in Google's shape, not the 405 of the
+    models.get route that the path would otherwise fall to."""
+    raise APIError(404, f"Method {method[:40]!r} is not served here: this server answers "
+                   "generateContent and streamGenerateContent.", type="not_found_error",
+                   param="method", code="method_not_found")
+
+
 def _add(version: str) -> None:
     generate = _endpoint(version, "generateContent")
     stream = _endpoint(version, "streamGenerateContent")
@@ -208,7 +216,10 @@ def _add(version: str) -> None:
                          name=f"gemini_generate_{version}")
     router.add_api_route(stream, stream_generate_content, methods=["POST"],
                          name=f"gemini_stream_{version}")
+    router.add_api_route(_endpoint(version, "{method}"), other_method, methods=["POST"],
+                         include_in_schema=False)
 
 
 for _version in VERSIONS:
     _add(_version)
+

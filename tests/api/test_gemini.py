@@ -240,6 +240,12 @@ def test_errors_in_gemini_shape(base_url: str) -> None:
         client.models.generate_content(model="no-such-model", contents="hi")
     assert exc.value.code == 404 and exc.value.status == "NOT_FOUND"
     _gemini_error(_raw(base_url, hello, model="no-such-model", version="v1"), 404, "NOT_FOUND")
+    # a Gemini method this server does not answer: 404 naming it, on both versions
+    with pytest.raises(genai_errors.ClientError) as exc:
+        client.models.count_tokens(model="gemini-2.5-flash", contents="hi")
+    assert exc.value.code == 404 and "countTokens" in str(exc.value.message)
+    r = httpx.post(f"{base_url}/v1beta/models/gemini-2.5-flash:embedContent", json=hello)
+    assert "embedContent" in _gemini_error(r, 404, "NOT_FOUND")
     # not JSON, and a body over the cap
     r = httpx.post(f"{base_url}/v1beta/models/gemini-2.5-flash:generateContent",
                    content=b"{nope", headers={"content-type": "application/json"})
