@@ -7,10 +7,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,19 @@ def install(app: FastAPI) -> None:
                               request.url.path, request.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's body reader says 400
+            return Response(status_code=499)
         err = APIError(exc.status_code, str(exc.detail),
                        type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
                        code=_STATUS_CODES.get(exc.status_code))
         return error_response(err, request.url.path, request.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left while its body was being read: no one to answer, nothing went
+        # wrong here. 499 (nginx's "client closed request") in the log and metrics.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

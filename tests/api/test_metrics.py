@@ -3,6 +3,7 @@ the openai SDK to a real server (tiny pipeline behind a gate, fake OpenAI upstre
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -166,3 +167,29 @@ def test_each_app_has_its_own_registry(tiny_weights, device, weights, fake_opena
         with server(tiny_weights, device, weights, fake_openai) as two:
             assert value(scrape(one), "spillway_images_total") == 1
             assert value(scrape(two), "spillway_images_total") == 0
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(tiny_weights, device, weights,
+                                                             fake_openai) -> None:
+    """Half a body, then the connection closes: counted as 499 (client closed request),
+    whichever way the endpoint reads its body, never as a 400 or 500."""
+    paths = [GEN, "/v1/chat/completions", "/v1/images/edits",
+             "/v1beta/models/gemini-2.5-flash:generateContent"]
+    with server(tiny_weights, device, weights, fake_openai) as base:
+        port = int(base.rsplit(":", 1)[1])
+        for path in paths:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                          "\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"a".encode())
+        m: dict[str, list[tuple[dict[str, str], float]]] = {}
+
+        def all_counted() -> bool:
+            m.update(scrape(base))
+            return sum(value(m, "spillway_requests_total", method="POST", endpoint=p)
+                       for p in (GEN, "/v1/chat/completions", "/v1/images/edits",
+                                 "/v1beta/models/{model}:generateContent")) == len(paths)
+
+        wait_for(all_counted)
+        statuses = {labels["status"] for labels, v in m["spillway_requests_total"]
+                    if labels["method"] == "POST" and v}
+        assert statuses == {"499"}
