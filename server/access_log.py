@@ -28,7 +28,8 @@ SECRET_PATHS = frozenset({"/v1/images/{image_id}"})
 
 def access_fields(*, ts: float, request_id: str, key_name: str | None, method: str,
                   endpoint: str, path: str, status: int, latency_s: float,
-                  account: Account | None, route: str) -> dict[str, Any]:
+                  account: Account | None, route: str, model: str | None
+                  ) -> dict[str, Any]:
     """The line's fields; what the route knew comes from its ``Account``."""
     served = account.served if account is not None else None
     ok = account is not None and account.outcome == "ok"
@@ -42,7 +43,7 @@ def access_fields(*, ts: float, request_id: str, key_name: str | None, method: s
         "method": method,
         "endpoint": endpoint,
         "path": endpoint if endpoint in SECRET_PATHS else path,
-        "model": account.model if account is not None else None,
+        "model": model,
         "route": route,
         "reason": served.reason if served else None,
         "status": status,

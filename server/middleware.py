@@ -150,11 +150,14 @@ class _End:
         served = account.served if account is not None else None
         route = served.route if served else (self.route_header or "none")
         endpoint = endpoint_of(scope)
+        # Refused before the route knew its model (a malformed body): the Gemini paths
+        # still name it in the URL.
+        model = account.model if account is not None else (
+            scope.get("path_params") or {}).get("model")
         app_state = getattr(getattr(scope.get("app"), "state", None), "spillway", None)
         if app_state is not None:
             app_state.metrics.observe_request(
-                endpoint, scope.get("method", ""), account.model if account else None,
-                route, status, latency)
+                endpoint, scope.get("method", ""), model, route, status, latency)
         if access_log.log.isEnabledFor(logging.INFO):
             caller = state.get("caller")
             access_log.emit(access_log.access_fields(
@@ -162,4 +165,4 @@ class _End:
                 key_name=caller.name if caller is not None else None,
                 method=scope.get("method", ""), endpoint=endpoint,
                 path=scope.get("path", ""), status=status, latency_s=latency,
-                account=account, route=route))
+                account=account, route=route, model=model))

@@ -193,3 +193,17 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(tiny_weights, devic
         statuses = {labels["status"] for labels, v in m["spillway_requests_total"]
                     if labels["method"] == "POST" and v}
         assert statuses == {"499"}
+
+
+def test_a_gemini_request_refused_at_intake_counts_under_its_url_model(
+        tiny_weights, device, weights, fake_openai) -> None:
+    with server(tiny_weights, device, weights, fake_openai) as base:
+        for model in ("gemini-2.5-flash", "made-up-model"):
+            r = httpx.post(f"{base}/v1beta/models/{model}:generateContent",
+                           json={"contents": []})
+            assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
+        m = scrape(base)
+    gemini = "/v1beta/models/{model}:generateContent"
+    req = "spillway_requests_total"
+    assert value(m, req, endpoint=gemini, model="gemini-2.5-flash", status="400") == 1
+    assert value(m, req, endpoint=gemini, model="other", status="400") == 1  # bounded
