@@ -222,4 +222,3 @@ def _add(version: str) -> None:
 
 for _version in VERSIONS:
     _add(_version)
-
