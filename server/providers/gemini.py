@@ -13,6 +13,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import httpx
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -27,6 +28,7 @@ from server.providers.base import (
     ProviderError,
 )
 from server.providers.openai import (
+    FOLLOW_REDIRECTS,
     TIMEOUT_ERRORS,
     TRANSPORT_ERRORS,
     Malformed,
@@ -99,6 +101,12 @@ class GeminiProvider:
         self.settings = settings
         self.prices = prices
         self._secrets = (key, key.strip())
+        # Our own HTTP clients, because the SDK's follow redirects, and with aiohttp
+        # installed (Ray brings it) its async calls would go through aiohttp, which
+        # follows them too: a client given here is the one the SDK uses, and the only one.
+        # The SDK passes the timeout per request; it never closes these (close() does).
+        self._http = httpx.AsyncClient(follow_redirects=FOLLOW_REDIRECTS)
+        self._http_sync = httpx.Client(follow_redirects=FOLLOW_REDIRECTS)
         # Everything explicit, so no GOOGLE_* environment variable redirects the key:
         # not Vertex, this base URL, this version, no SDK retries (the router retries).
         self.client = genai.Client(
@@ -107,7 +115,8 @@ class GeminiProvider:
                 base_url=settings.base_url or GEMINI_BASE_URL,
                 api_version=settings.api_version or DEFAULT_API_VERSION,
                 timeout=max(1, int(settings.timeout_s * 1000)),
-                retry_options=types.HttpRetryOptions(attempts=1)))
+                retry_options=types.HttpRetryOptions(attempts=1),
+                httpx_client=self._http_sync, httpx_async_client=self._http))
 
     # -- errors
 
@@ -264,6 +273,8 @@ class GeminiProvider:
     async def close(self) -> None:
         await self.client.aio.aclose()
         self.client.close()
+        await self._http.aclose()
+        self._http_sync.close()
 
 
 def gemini_contents(job: ChatJob) -> tuple[str | None, list[types.Content]]:

@@ -55,6 +55,12 @@ MAX_UPSTREAM_PIXELS = 50_000_000
 _KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{10,})")
 _MAX_MESSAGE = 300
 
+# Upstream calls never follow redirects. Whatever answers at the base URL (a relay, a
+# hijacked name) could send us to another origin, and the SDKs' clients would take the key
+# along: httpx drops only ``Authorization`` across origins, not Gemini's ``x-goog-api-key``
+# nor Azure's ``api-key``. A 3xx is then an upstream failure (``kind_for_status``).
+FOLLOW_REDIRECTS = False  # every upstream HTTP client is built with this
+
 TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError, httpx.TimeoutException, httpx2.TimeoutException)
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -164,6 +170,10 @@ def provider_error(provider: str, kind: FailureKind, message: str, secrets: Sequ
 
 
 def kind_for_status(status: int) -> FailureKind:
+    if 300 <= status < 400:
+        # A redirect we did not follow (see FOLLOW_REDIRECTS): the upstream is misconfigured
+        # or hostile, not the request; it counts against the upstream and fails over.
+        return "server"
     if status in (401, 403):
         return "auth"
     if status == 429:
@@ -228,18 +238,21 @@ class OpenAIProvider:
         self.prices = prices
         self._secrets = (key,)
         self._azure = settings.azure_endpoint is not None
+        # The SDK's own client class (its timeouts and pool limits), but not its
+        # follow_redirects=True; closed by ``self.client.close()``.
+        http_client = openai.DefaultAsyncHttpxClient(follow_redirects=FOLLOW_REDIRECTS)
         self.client: openai.AsyncOpenAI
         if settings.azure_endpoint is not None:
             self.client = openai.AsyncAzureOpenAI(
                 api_key=key, azure_endpoint=settings.azure_endpoint,
                 api_version=settings.azure_api_version, organization=settings.organization,
-                max_retries=0, timeout=settings.timeout_s)
+                max_retries=0, timeout=settings.timeout_s, http_client=http_client)
         else:
             # base_url is always passed, so OPENAI_BASE_URL in the environment is ignored.
             self.client = openai.AsyncOpenAI(
                 api_key=key, base_url=settings.base_url or OPENAI_BASE_URL,
                 organization=settings.organization, max_retries=0,
-                timeout=settings.timeout_s)
+                timeout=settings.timeout_s, http_client=http_client)
 
     def _upstream_model(self, model: str) -> str:
         """Azure addresses deployments: the configured one for this model, or the name."""

@@ -11,9 +11,12 @@ call. Tests steer it between calls:
 
 Modes: "ok", "rate_limit" (429 + Retry-After: ``retry_after``), "error500", "error503",
 "hang" (answers nothing for ``hang_s`` seconds), "malformed" (200, not JSON),
-"wrong_shape" (200, JSON of the wrong shape), "auth" (OpenAI 401, Gemini 403).
+"wrong_shape" (200, JSON of the wrong shape), "auth" (OpenAI 401, Gemini 403),
+"redirect" (307 to ``redirect_to``, as a hostile relay might answer).
 Other knobs: ``retry_after``, ``hang_s``, ``echo_key`` (error messages repeat the key
 received, as a careless relay might), ``expected_key`` (refuse any other key).
+``running_canary()`` (tests.fakes.canary) is a server on another port that records
+whatever reaches it: where a redirect points.
 ``reset()`` restores all of them and forgets the calls. ``fake.url`` is the root;
 an OpenAI client's base_url is ``fake.base_url`` (``{url}/v1``), an Azure endpoint is
 ``fake.url``, a Gemini ``HttpOptions.base_url`` is ``fake.url``.
@@ -38,7 +41,8 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-MODES = ("ok", "rate_limit", "error500", "error503", "hang", "malformed", "wrong_shape", "auth")
+MODES = ("ok", "rate_limit", "error500", "error503", "hang", "malformed", "wrong_shape", "auth",
+         "redirect")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class FakeUpstream:
         self.hang_s = 10.0  # for "hang"; cut short when the fake stops
         self.latency_s = 0.0  # every answer takes this long (a real upstream's ~2 s)
         self.echo_key = False  # error messages repeat the key they got (a careless relay)
+        self.redirect_to = ""  # where "redirect" sends the client (307, method and body kept)
         self.expected_key: str | None = None  # when set, any other key is refused
 
     def set_mode(self, mode: str) -> None:

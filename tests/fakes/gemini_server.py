@@ -87,6 +87,8 @@ class FakeGemini(FakeUpstream):
                                else "Permission denied.")
         if mode == "malformed":
             return Response(b'{"candidates": [ this is not json', media_type="application/json")
+        if mode == "redirect":
+            return Response(status_code=307, headers={"location": self.redirect_to})
         return None
 
     async def _handle(self, version: str, model_action: str, request: Request) -> Response:

@@ -56,6 +56,8 @@ class FakeOpenAI(FakeUpstream):
         if mode == "malformed":
             return Response(b'{"created": 1, "data": [ this is not json',
                             media_type="application/json", headers=rid)
+        if mode == "redirect":
+            return Response(status_code=307, headers={**rid, "location": self.redirect_to})
         return None
 
     def _key(self, request: Request, azure: bool) -> tuple[str, Response | None]:
