@@ -16,7 +16,7 @@ from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describ
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
 from pipelines.vlm import VisionLanguageModel
 from server import errors
-from server.auth import authenticate
+from server.auth import authenticate, is_closed
 from server.batcher import BatchPolicy
 from server.config import Settings
 from server.dispatch import Dispatcher
@@ -28,6 +28,7 @@ from server.metrics import Metrics
 from server.providers.base import CloudProvider
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
+from server.quotas import Quotas
 from server.routes import batches, chat, dashboard, gemini, images, ops, usage, web
 from server.state import AppState
 
@@ -114,6 +115,20 @@ def build_providers(settings: Settings) -> dict[str, CloudProvider]:
     return providers
 
 
+async def _say_auth_mode(state: AppState) -> None:
+    """Open or closed, the operator hears it at startup (server/auth.py is_closed)."""
+    if await is_closed(state):
+        keys = state.keys.list() if state.keys is not None else []
+        active = sum(k.active for k in keys)
+        log.info("auth: an API key is required (admin key %s; %d team keys active, %d "
+                 "revoked)", "set" if state.settings.admin_key else "not set", active,
+                 len(keys) - active)
+    else:
+        log.warning("auth: OPEN. No API key is configured (no SPILLWAY_ADMIN_KEY, no key "
+                    "made with `spillway keys create`): anyone who can reach this port can "
+                    "use it and read all usage")
+
+
 def create_app(settings: Settings, loader: Loader | None = load_local_images,
                chat_loader: ChatLoader | None = load_local_chat) -> FastAPI:
     """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``);
@@ -150,6 +165,8 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
         state.dispatcher = Dispatcher(settings, build_providers(settings), ledger)
         state.dispatcher.on_record = state.metrics.observe_row
         state.keys = KeyStore(ledger)
+        state.quotas = Quotas(ledger)
+        await _say_auth_mode(state)
         state.batches = BatchService(state)
         await state.batches.start()
         log.info("cloud providers: %s; ledger: %s",

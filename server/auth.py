@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from server.errors import APIError, is_gemini_path
-from server.keys import KeyInfo
+from server.keys import ADMIN_OWNER, KeyInfo
+from server.quotas import Limits, QuotaExceeded, Reservation
 from server.state import AppState, State
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Caller:
-    name: str | None  # the key's name; None on an open server
+    name: str | None  # what logs and listings show: the key's name, "admin"; None: open
+    owner: str | None = None  # who owns what it makes (server/keys.py): never a name
     admin: bool = False
     bulk: bool = False  # the key's priority
     key: KeyInfo | None = None
 
+    @staticmethod
+    def of_key(info: KeyInfo) -> Caller:
+        return Caller(info.name, info.owner, bulk=info.priority == "bulk", key=info)
+
 
 OPEN = Caller(None)
+ADMIN = Caller(ADMIN_OWNER, ADMIN_OWNER, admin=True)
 
 
 def _token(request: Request) -> str:
@@ -44,20 +54,30 @@ async def authenticate(request: Request, state: State) -> None:
     admin = state.settings.admin_key
     if admin is not None and token and hmac.compare_digest(
             token.encode(), admin.get_secret_value().encode()):
-        request.state.caller = Caller("admin", admin=True)
+        request.state.caller = ADMIN
         return
     keys = state.keys
-    if keys is None or not await asyncio.to_thread(keys.any_active):
+    if not await is_closed(state):
         request.state.caller = OPEN
         return
     if not token:
         raise _unauthorized("This server needs an API key: send 'Authorization: Bearer <key>' "
                              "(or 'x-goog-api-key: <key>').")
-    info = await asyncio.to_thread(keys.lookup, token)
+    info = None if keys is None else await asyncio.to_thread(keys.lookup, token)
     if info is None:
         # Never echo the key: OpenAI's message shows a masked form; we show none of it.
         raise _unauthorized("Incorrect API key provided.")
-    request.state.caller = Caller(info.name, bulk=info.priority == "bulk", key=info)
+    request.state.caller = Caller.of_key(info)
+
+
+async def is_closed(state: AppState) -> bool:
+    """Keys are needed once any is configured: the admin key, or a team key ever made
+    (revoking the last one does not open the server). Fails closed until the key store
+    is up."""
+    if state.settings.admin_key is not None:
+        return True
+    keys = state.keys
+    return keys is None or await asyncio.to_thread(keys.any_keys)
 
 
 def caller_of(request: Request) -> Caller:
@@ -65,20 +85,37 @@ def caller_of(request: Request) -> Caller:
     return caller
 
 
-async def check_quota(state: AppState, caller: Caller, images: int = 0) -> None:
-    """429 ``insufficient_quota`` when this request would pass the key's daily quota."""
+async def reserve_quota(state: AppState, caller: Caller, images: int = 0,
+                        usd: float = 0.0) -> Reservation | None:
+    """Reserve ``images`` and up to ``usd`` of the key's daily quota before the work runs,
+    or answer 429 ``insufficient_quota``. ``settle_quota`` when the work ends."""
     info = caller.key
     if info is None or (info.daily_images is None and info.daily_usd is None):
+        return None
+    quotas = state.quotas
+    if quotas is None:  # the app is starting: nothing runs yet, but never unmetered
+        raise state.not_ready()
+    try:
+        return await asyncio.to_thread(quotas.reserve, info.owner,
+                                       Limits(info.daily_images, info.daily_usd), images, usd)
+    except QuotaExceeded as exc:
+        if exc.what == "images":
+            message = (f"The key {info.name!r} has used {int(exc.used)} of its "
+                       f"{int(exc.limit)} images today; this request needs {images}.")
+        else:
+            message = (f"The key {info.name!r} has spent ${exc.used:.2f} of its "
+                       f"${exc.limit:.2f} today.")
+        raise APIError(429, message, type="insufficient_quota",
+                       code="insufficient_quota") from None
+
+
+async def settle_quota(state: AppState, reservation: Reservation | None, images: int,
+                       usd: float) -> None:
+    """Count what the request used instead of what it reserved. A failure here leaves
+    the reservation counted (the quota errs towards refusing) and is logged."""
+    if reservation is None or state.quotas is None:
         return
-    dispatcher = state.dispatcher
-    if dispatcher is None or dispatcher.ledger is None:
-        return
-    used_images, used_usd = await asyncio.to_thread(dispatcher.ledger.used_today, info.name)
-    if info.daily_images is not None and used_images + images > info.daily_images:
-        raise APIError(429, f"The key {info.name!r} has used {used_images} of its "
-                       f"{info.daily_images} images today.", type="insufficient_quota",
-                       code="insufficient_quota")
-    if info.daily_usd is not None and used_usd >= info.daily_usd:
-        raise APIError(429, f"The key {info.name!r} has spent ${used_usd:.2f} of its "
-                       f"${info.daily_usd:.2f} today.", type="insufficient_quota",
-                       code="insufficient_quota")
+    try:
+        await asyncio.to_thread(state.quotas.settle, reservation, images, usd)
+    except Exception:
+        log.exception("could not settle a quota reservation of %s", reservation.owner)

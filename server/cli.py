@@ -19,6 +19,8 @@ weights_app = typer.Typer(no_args_is_help=True, help="Make, fetch and list model
 app.add_typer(weights_app, name="weights")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create, list, revoke.")
 app.add_typer(keys_app, name="keys")
+db_app = typer.Typer(no_args_is_help=True, help="The database: its schema version, upgrades.")
+app.add_typer(db_app, name="db")
 
 WeightsDir = Annotated[Path | None, typer.Option(
     "--weights-dir", help="default: SPILLWAY_WEIGHTS_DIR or ./weights")]
@@ -252,16 +254,17 @@ def keys_list() -> None:
     """Keys, their quotas and today's use (never the keys themselves)."""
     from server.keys import KeyStore
     from server.ledger import Ledger
+    from server.quotas import Quotas
 
     ledger = Ledger(_settings().ledger_url)
-    rows = KeyStore(ledger).list()
+    rows, quotas = KeyStore(ledger).list(), Quotas(ledger)
     if not rows:
         typer.echo("no keys: the server is open to anyone who can reach it")
         return
     typer.echo(f"{'name':<20}{'key':<16}{'priority':<13}{'images today':>14}"
                f"{'usd today':>11}  status")
     for k in rows:
-        used_images, used_usd = ledger.used_today(k.name)
+        used_images, used_usd = quotas.used(k.owner)
         images = (f"{used_images}/{k.daily_images}" if k.daily_images is not None
                   else str(used_images))
         usd = f"{used_usd:.2f}/{k.daily_usd:.2f}" if k.daily_usd is not None else f"{used_usd:.2f}"
@@ -275,6 +278,29 @@ def keys_revoke(name: str) -> None:
     if not _keystore().revoke(name):
         raise _fail(f"no active key named {name!r}")
     typer.echo(f"revoked {name!r}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database (SPILLWAY_LEDGER_URL) to the newest schema. The server does
+    this itself at start-up; this is for doing it ahead of time, or checking."""
+    from sqlalchemy.engine import make_url
+
+    from server import db
+
+    url = _settings().ledger_url
+    engine = db.open_engine(url)
+    try:
+        before = db.current(engine)
+        db.upgrade(engine)
+        after = db.current(engine)
+    finally:
+        engine.dispose()
+    shown = make_url(url).render_as_string(hide_password=True)
+    if before == after:
+        typer.echo(f"{shown}: at {after} (newest), nothing to do")
+    else:
+        typer.echo(f"{shown}: upgraded from {before or 'no version'} to {after}")
 
 
 @app.command()

@@ -148,6 +148,16 @@ class Dispatcher:
         model = self._upstream_model(provider, "vision", job.model)
         return pricing.token_cost(self.settings.prices, model, prompt, completion)
 
+    def cost_ceiling(self, job: ImageJob | ChatJob) -> float:
+        """The most this job could cost on any configured upstream: what a key's USD
+        quota reserves before it runs (local work costs far less)."""
+        if isinstance(job, ImageJob):
+            costs = [self._image_cost(p, job) for p in self.providers]
+        else:
+            prompt = self._rough_prompt_tokens(job)
+            costs = [self._chat_cost(p, job, prompt, job.max_tokens) for p in self.providers]
+        return max(costs, default=0.0)
+
     @staticmethod
     def _rough_prompt_tokens(job: ChatJob) -> int:
         chars = sum(len(p.get("text", "")) for m in job.messages for p in m["content"])

@@ -69,11 +69,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pipelines.vlm import ChatResult
-from server import media
-from server.auth import Caller, check_quota
+from server import db, media
+from server.auth import Caller, reserve_quota, settle_quota
 from server.config import MediaSettings
+from server.db import is_memory_sqlite, open_engine
 from server.errors import APIError, bad_request, server_error
-from server.ledger import UsageRow, is_memory_sqlite, open_engine
+from server.keys import ADMIN_OWNER
+from server.ledger import UsageRow
 from server.protocol import (
     MAX_SEED,
     ImageEditRequest,
@@ -92,6 +94,7 @@ from server.protocol_chat import (
     stop_strings,
 )
 from server.providers.base import OutImage
+from server.quotas import Reservation
 from server.routes.chat import chat_job_from, check_chat_model
 from server.routes.images import check_image_model
 
@@ -147,7 +150,9 @@ class FileRow(JobsBase):
     filename: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column("bytes", Integer)
     created_at: Mapped[int] = mapped_column(Integer)
-    owner: Mapped[str | None] = mapped_column(String(100))  # API key name; None: open server
+    # The owner id of the key that made it (server/keys.py): "key:<id>", "admin"; None:
+    # made on an open server.
+    owner: Mapped[str | None] = mapped_column(String(100))
 
 
 class BatchRow(JobsBase):
@@ -294,6 +299,15 @@ class _Reject(Exception):
         self.custom_id = custom_id
 
 
+@dataclass
+class _Run:
+    """What running one item learnt about its owner: the name its ledger row shows and
+    the quota it reserved (settled when the item ends)."""
+
+    key_name: str | None = None
+    reservation: Reservation | None = None
+
+
 @dataclass(frozen=True)
 class _Claimed:
     id: int
@@ -349,7 +363,7 @@ class BatchService:
         url = url or self.settings.ledger_url
         u = make_url(url)
         sqlite = u.get_backend_name() == "sqlite"
-        db = u.database or ""
+        database = u.database or ""
         self._memory = is_memory_sqlite(url)
         self._lock = threading.Lock()
         self._temp_dir: Path | None = None
@@ -357,7 +371,7 @@ class BatchService:
             if self._memory:
                 self._temp_dir = files_dir = Path(tempfile.mkdtemp(prefix="spillway-files-"))
             elif sqlite:
-                path = Path(db).expanduser()
+                path = Path(database).expanduser()
                 files_dir = path.with_name(path.stem + "-files")
             else:
                 files_dir = Path("data") / "batch-files"
@@ -365,7 +379,7 @@ class BatchService:
         self.files_dir.mkdir(parents=True, exist_ok=True)
         # synchronous=FULL: a committed "sent upstream" mark must survive a power cut.
         self.engine: Engine = open_engine(url, synchronous="FULL")
-        JobsBase.metadata.create_all(self.engine)
+        db.upgrade(self.engine)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leased = False
         self._beat_task: asyncio.Task[None] | None = None
@@ -622,7 +636,7 @@ class BatchService:
         return file_object(row)
 
     def _visible(self, owner: str | None, caller: Caller) -> bool:
-        return caller.admin or owner == caller.name
+        return caller.admin or owner == caller.owner
 
     def get_file(self, file_id: str, caller: Caller, param: str = "file_id") -> FileRow:
         with self._read() as s:
@@ -672,7 +686,7 @@ class BatchService:
                        input_file_id=input_file_id, completion_window=window,
                        status=VALIDATING, validated=False, created_at=now,
                        expires_at=now + COMPLETION_WINDOWS[window], meta=metadata,
-                       owner=caller.name)
+                       owner=caller.owner)
         with self._write() as s:
             s.add(row)
             s.commit()
@@ -715,8 +729,8 @@ class BatchService:
         with self._read() as s:
             q = select(BatchRow).order_by(BatchRow.seq.desc()).limit(limit + 1)
             if not caller.admin:
-                q = q.where(BatchRow.owner.is_(None) if caller.name is None
-                            else BatchRow.owner == caller.name)
+                q = q.where(BatchRow.owner.is_(None) if caller.owner is None
+                            else BatchRow.owner == caller.owner)
             if after:
                 cursor = s.scalar(select(BatchRow.seq).where(BatchRow.id == after))
                 if cursor is None:
@@ -952,9 +966,11 @@ class BatchService:
                                type="server_error", code="upstream_send_refused")
             sent.append(provider)
 
+        run = _Run(key_name=item.owner if item.owner == ADMIN_OWNER else None)
         try:
-            served, images_made, model = await self._perform(item, before_send)
+            served, images_made, model = await self._perform(item, before_send, run)
         except asyncio.CancelledError:
+            await settle_quota(self.state, run.reservation, 0, 0.0)
             raise
         except APIError as err:
             if (not sent and err.status in TRANSIENT and err.code != "insufficient_quota"
@@ -964,11 +980,12 @@ class BatchService:
                     delay = min(MAX_BACKOFF_S,
                                 max(delay, float(err.headers.get("Retry-After", ""))))
                 await asyncio.to_thread(self._retry_later, item.id, delay)
+                await settle_quota(self.state, run.reservation, 0, 0.0)
                 return
             await asyncio.to_thread(self._finish, item.id, state=ITEM_FAILED,
                                     status_code=err.status, response=err.body(),
                                     error_code=err.code, request_id="req_" + uuid.uuid4().hex)
-            await self._account(item, None, 0, err.status, started,
+            await self._account(item, run, None, 0, err.status, started,
                                 str(item.body.get("model") or "auto"))
             return
         except Exception as exc:
@@ -977,8 +994,9 @@ class BatchService:
             await asyncio.to_thread(self._finish, item.id, state=ITEM_FAILED, status_code=500,
                                     response=failure.body(), error_code=failure.code,
                                     request_id="req_" + uuid.uuid4().hex)
+            await settle_quota(self.state, run.reservation, 0, 0.0)
             return
-        await self._account(item, served, images_made, 200, started, model)
+        await self._account(item, run, served, images_made, 200, started, model)
 
     def _retry_later(self, item_id: int, delay: float) -> None:
         with self._write() as s:
@@ -989,20 +1007,23 @@ class BatchService:
                       .execution_options(synchronize_session=False))
             s.commit()
 
-    async def _check_owner(self, item: _Claimed, images: int) -> None:
-        """The key that made the batch: still active, within its daily quota."""
-        keys = self.state.keys
-        if item.owner is None or keys is None:
+    async def _check_owner(self, item: _Claimed, run: _Run, images: int, usd: float
+                           ) -> None:
+        """The key that made the batch: still active; its daily quota reserved. The
+        admin key's batches (and an open server's) run unmetered."""
+        if item.owner is None or item.owner == ADMIN_OWNER:
             return
-        found = [k for k in await asyncio.to_thread(keys.list)
-                 if k.name == item.owner and k.active]
-        if not found:
-            raise APIError(401, f"The API key {item.owner!r} that made this batch has been "
-                           "revoked.", code="invalid_api_key")
-        info = found[0]
-        await check_quota(self.state, Caller(info.name, bulk=True, key=info), images)
+        keys = self.state.keys
+        info = None if keys is None else await asyncio.to_thread(keys.by_owner, item.owner)
+        if info is None or not info.active:
+            shown = f"{info.name!r} " if info is not None else ""
+            raise APIError(401, f"The API key {shown}that made this batch has been revoked.",
+                           code="invalid_api_key")
+        run.key_name = info.name
+        caller = Caller(info.name, info.owner, bulk=True, key=info)
+        run.reservation = await reserve_quota(self.state, caller, images, usd)
 
-    async def _perform(self, item: _Claimed, before_send: BeforeSend
+    async def _perform(self, item: _Claimed, before_send: BeforeSend, run: _Run
                        ) -> tuple[Served, int, str]:
         """Run one item; store its answer. Returns (served, images made, model asked)."""
         dispatcher = self.state.require_dispatcher()
@@ -1010,8 +1031,8 @@ class BatchService:
         body = item.body
         if item.url == CHAT:
             chat = ChatRequest.model_validate(body)
-            await self._check_owner(item, 0)
             job = await chat_job_from(chat, self.state)
+            await self._check_owner(item, run, 0, dispatcher.cost_ceiling(job))
             outcome, served = await dispatcher.chat(job, ITEM_DEADLINE_S, bulk=True,
                                                     before_send=before_send)
             result = ChatResult(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
@@ -1032,19 +1053,22 @@ class BatchService:
                        for i, ref in enumerate(refs)]
             image_job = to_edit_job(edit, edit.model or "auto", settings.images, sources)
             gen = edit
-        await self._check_owner(item, image_job.n)
+        await self._check_owner(item, run, image_job.n, dispatcher.cost_ceiling(image_job))
         images, served = await dispatcher.images(image_job, ITEM_DEADLINE_S, bulk=True,
                                                  before_send=before_send)
         await asyncio.to_thread(self._store_images, item.id, image_job, images)
         return served, len(images), gen.model or "auto"
 
-    async def _account(self, item: _Claimed, served: Served | None, images: int, status: int,
-                       started: float, model: str) -> None:
-        """One ledger row per finished item, as the HTTP endpoint would write."""
+    async def _account(self, item: _Claimed, run: _Run, served: Served | None, images: int,
+                       status: int, started: float, model: str) -> None:
+        """One ledger row per finished item, as the HTTP endpoint would write, and its
+        quota counted as used."""
+        ok = served is not None
+        await settle_quota(self.state, run.reservation, images if ok else 0,
+                           served.cost_usd if served else 0.0)
         dispatcher = self.state.dispatcher
         if dispatcher is None:
             return
-        ok = served is not None
         row = UsageRow(
             endpoint=item.url, model=model, route=served.route if served else "none",
             upstream_model=served.upstream_model if served else None,
@@ -1057,7 +1081,8 @@ class BatchService:
             cloud_equivalent_usd=served.cloud_equivalent_usd if served else 0.0,
             latency_ms=(time.monotonic() - started) * 1000,
             queue_ms=served.queue_ms if served else 0.0,
-            request_id=f"{item.batch_id}/{item.custom_id}"[:128], key_name=item.owner,
+            request_id=f"{item.batch_id}/{item.custom_id}"[:128], key_name=run.key_name,
+            key_id=item.owner,
             reason=f"batch:{served.reason}" if served else "batch")
         try:
             await dispatcher.record(row)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -28,16 +27,16 @@ from sqlalchemy import (
     SQLColumnExpression,
     String,
     case,
-    create_engine,
-    event,
     func,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import Select
 from sqlalchemy.types import TypeDecorator
+
+from server import db
+from server.db import is_memory_sqlite, open_engine
 
 Q = TypeVar("Q", bound="Select[*tuple[Any, ...]]")  # any SELECT, its columns kept
 LOCAL_ROUTE = "local"
@@ -85,7 +84,8 @@ class UsageRow:
     latency_ms: float = 0.0
     queue_ms: float = 0.0
     request_id: str | None = None
-    key_name: str | None = None
+    key_name: str | None = None  # shown in group_by=key; never used to tell keys apart
+    key_id: str | None = None  # the owner id (server/keys.py owner_id): quotas and filters
     reason: str | None = None  # "explicit", "quality", "deadline", "failover", ...
     at: datetime | None = None  # default: now (UTC)
 
@@ -117,6 +117,7 @@ class UsageRecord(Base):
     __table_args__ = (
         Index("ix_usage_at", "at"),
         Index("ix_usage_route_at", "route", "at"),
+        Index("ix_usage_key_at", "key_id", "at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -137,6 +138,7 @@ class UsageRecord(Base):
     queue_ms: Mapped[float] = mapped_column(Float, default=0.0)
     request_id: Mapped[str | None] = mapped_column(String(128))
     key_name: Mapped[str | None] = mapped_column(String(255))
+    key_id: Mapped[str | None] = mapped_column(String(40))
     reason: Mapped[str | None] = mapped_column(String(255))
 
 
@@ -163,42 +165,6 @@ def _parse_minute(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
 
 
-def is_memory_sqlite(url: str) -> bool:
-    u = make_url(url)
-    db = u.database or ""
-    return u.get_backend_name() == "sqlite" and (
-        db in ("", ":memory:") or db.startswith("file::memory:")
-        or u.query.get("mode") == "memory")
-
-
-def open_engine(url: str, synchronous: str = "NORMAL") -> Engine:
-    """An engine for any SQLAlchemy URL. SQLite gets its folder made, WAL, a busy timeout
-    and, in memory, one shared connection (so every session sees the same database)."""
-    u = make_url(url)
-    if u.get_backend_name() != "sqlite":
-        return create_engine(u, pool_pre_ping=True)
-    memory = is_memory_sqlite(url)
-    if not memory:
-        Path(u.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
-    if memory:
-        kwargs["poolclass"] = StaticPool
-    engine = create_engine(u, **kwargs)
-
-    def pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        try:
-            if not memory:
-                cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=10000")
-        finally:
-            cur.close()
-
-    event.listen(engine, "connect", pragmas)
-    return engine
-
-
 class Ledger:
     def __init__(self, url: str) -> None:
         self.url = make_url(url).render_as_string(hide_password=True)
@@ -207,7 +173,7 @@ class Ledger:
         # and the in-memory database is one shared connection, which must not interleave.
         self._write_lock = threading.Lock()
         self.engine: Engine = open_engine(url)
-        Base.metadata.create_all(self.engine)
+        db.upgrade(self.engine)
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -217,6 +183,13 @@ class Ledger:
         else:
             with Session(self.engine) as s:
                 yield s
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A session in a transaction, one writer at a time in this process (the quota
+        counters share the ledger's database and its lock)."""
+        with self._write_lock, Session(self.engine) as s, s.begin():
+            yield s
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -253,11 +226,11 @@ class Ledger:
         with self._read() as s:
             return {r: float(v or 0.0) for r, v in s.execute(q).all()}
 
-    def used_today(self, key_name: str, *, now: datetime | None = None) -> tuple[int, float]:
-        """(images, USD) this API key has used since UTC midnight: its quota's reading."""
+    def used_today(self, owner: str, *, now: datetime | None = None) -> tuple[int, float]:
+        """(images, USD) this owner (a key's owner id) has used since UTC midnight."""
         start, end = _day_bounds(now)
         q = select(func.sum(UsageRecord.images), func.sum(UsageRecord.cost_usd)).where(
-            UsageRecord.key_name == key_name, UsageRecord.at >= start, UsageRecord.at < end)
+            UsageRecord.key_id == owner, UsageRecord.at >= start, UsageRecord.at < end)
         with self._read() as s:
             images, cost = s.execute(q).one()
         return int(images or 0), float(cost or 0.0)
@@ -268,7 +241,8 @@ class Ledger:
         """Sums over [since, until), one dict per group, ordered by group.
 
         ``group_by``: "route", "model", "day" (UTC, "YYYY-MM-DD"), "endpoint" or "key"
-        (the API key's name; None for unauthenticated requests).
+        (the API key's name; None for unauthenticated requests). ``only_key`` is an owner
+        id (server/keys.py ``owner_id``), as for ``per_minute``.
         """
         col: SQLColumnExpression[Any]
         if group_by == "route":
@@ -370,7 +344,7 @@ def _within(q: Q, since: datetime | None, until: datetime | None, only_key: str 
     if until is not None:
         q = q.where(UsageRecord.at < _utc(until))
     if only_key is not None:
-        q = q.where(UsageRecord.key_name == only_key)
+        q = q.where(UsageRecord.key_id == only_key)
     return q
 
 

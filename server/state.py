@@ -16,6 +16,7 @@ from server.keys import KeyStore
 from server.metrics import Metrics
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
+from server.quotas import Quotas
 
 if TYPE_CHECKING:
     from server.dashboard_reads import DashboardReads
@@ -34,6 +35,7 @@ class AppState:
     loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     dispatcher: Dispatcher | None = None
     keys: KeyStore | None = None
+    quotas: Quotas | None = None
     shutting_down: bool = False
     batches: BatchService | None = None
     dashboard_reads: DashboardReads | None = None  # made on the first GET /v1/dashboard
@@ -41,7 +43,7 @@ class AppState:
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:
-            raise self._not_ready()
+            raise self.not_ready()
         return self.dispatcher
 
     @property
@@ -51,7 +53,7 @@ class AppState:
         return ((self.images is not None or not self.images_enabled)
                 and (self.chat is not None or not self.chat_enabled))
 
-    def _not_ready(self) -> APIError:
+    def not_ready(self) -> APIError:
         message = ("The model is still loading." if self.load_error is None
                    else "The model failed to load; see the server log.")
         return APIError(503, message, type="server_error", code="model_not_ready",
@@ -59,7 +61,7 @@ class AppState:
 
     def local_images(self) -> LocalImages:
         if self.images is None:
-            raise self._not_ready()
+            raise self.not_ready()
         return self.images
 
     def local_chat(self) -> LocalChat:
@@ -67,7 +69,7 @@ class AppState:
             raise APIError(404, "No vision-language model is enabled on this server.",
                            param="model", code="model_not_found")
         if self.chat is None:
-            raise self._not_ready()
+            raise self.not_ready()
         return self.chat
 
 

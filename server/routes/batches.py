@@ -63,7 +63,7 @@ async def create_file(request: Request, state: State) -> JSONResponse:
                               code="missing_required_parameter")
         body = await asyncio.to_thread(service.save_upload, upload.file,
                                        upload.filename or "upload.jsonl", purpose,
-                                       caller_of(request).name)
+                                       caller_of(request).owner)
     finally:
         await form.close()
     return JSONResponse(body)

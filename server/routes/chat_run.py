@@ -15,7 +15,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from pipelines.vlm import ChatResult
-from server.auth import caller_of, check_quota
+from server.auth import caller_of, reserve_quota
 from server.dispatch import Served, check_context, to_item
 from server.errors import APIError
 from server.providers.base import ChatJob, ChatOutcome
@@ -24,7 +24,7 @@ from server.routes.common import (
     Account,
     ClientGone,
     accounted,
-    row_for,
+    close_account,
     unless_disconnected,
 )
 from server.state import AppState
@@ -47,7 +47,8 @@ async def run_chat_job(request: Request, state: AppState, endpoint: str, model: 
     """Route, run and account for a whole chat answer; ``None`` when the client left
     first (its queued work is cancelled)."""
     dispatcher = state.require_dispatcher()
-    async with accounted(request, state, endpoint, model) as account:
+    async with accounted(request, state, endpoint, model,
+                         usd_ceiling=dispatcher.cost_ceiling(job)) as account:
         try:
             outcome, served = await unless_disconnected(
                 request, dispatcher.chat(job, deadline, bulk=account.bulk))
@@ -67,12 +68,18 @@ async def stream_chat(request: Request, state: AppState, job: ChatJob, fmt: Stre
     if local is not None:
         route, _ = dispatcher.route_chat(job, deadline, caller.bulk)
         if route.where == "local":
-            await check_quota(state, caller)
-            item = to_item(job)
-            await check_context(local, item)
-            events = await local.stream(item, bulk=caller.bulk)
+            account = Account.of(request, endpoint, model)
+            account.reservation = await reserve_quota(state, caller, 0,
+                                                      dispatcher.cost_ceiling(job))
+            try:
+                item = to_item(job)
+                await check_context(local, item)
+                events = await local.stream(item, bulk=caller.bulk)
+            except BaseException:
+                await close_account(request, state, account)
+                raise
             return StreamingResponse(
-                stream_local(events, fmt, request, state, job, endpoint, model, route.reason),
+                stream_local(events, fmt, request, state, job, account, route.reason),
                 media_type="text/event-stream",
                 headers={**headers, "x-spillway-route": "local"})
     ran = await run_chat_job(request, state, endpoint, model, job, deadline)
@@ -96,11 +103,9 @@ async def stream_whole(result: ChatResult, fmt: StreamFormat) -> AsyncIterator[s
 
 
 async def stream_local(events: AsyncIterator[StreamEvent], fmt: StreamFormat,
-                       request: Request, state: AppState, job: ChatJob, endpoint: str,
-                       model: str, reason: str) -> AsyncIterator[str]:
+                       request: Request, state: AppState, job: ChatJob, account: Account,
+                       reason: str) -> AsyncIterator[str]:
     """Token by token from the local batch, with one ledger row when it ends."""
-    caller = caller_of(request)
-    account = Account(endpoint, model, caller.name, caller.bulk)
     request.state.account = account  # for the access log
     for line in fmt.opening():
         yield line
@@ -122,7 +127,6 @@ async def stream_local(events: AsyncIterator[StreamEvent], fmt: StreamFormat,
         account.status, account.outcome = err.status, "error"
         yield fmt.error(err)
     finally:
-        if state.dispatcher is not None and (account.served or account.status != 200):
-            await state.dispatcher.record(row_for(request, account))
+        await close_account(request, state, account)
     for line in fmt.ending():
         yield line

@@ -11,10 +11,11 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from server.auth import caller_of, check_quota
+from server.auth import caller_of, reserve_quota, settle_quota
 from server.dispatch import Served
 from server.errors import APIError, bad_request
 from server.ledger import UsageRow
+from server.quotas import Reservation
 from server.state import AppState
 
 T = TypeVar("T")
@@ -73,27 +74,43 @@ class Account:
     status: int = 200
     outcome: str = "ok"
     started: float = field(default_factory=time.monotonic)
+    key_id: str | None = None  # the caller's owner id
+    reservation: Reservation | None = None  # of the key's quota, settled at the end
+
+    @staticmethod
+    def of(request: Request, endpoint: str, model: str, images: int = 0) -> Account:
+        caller = caller_of(request)
+        return Account(endpoint, model, caller.name, caller.bulk, images, key_id=caller.owner)
+
+
+async def close_account(request: Request, state: AppState, account: Account) -> None:
+    """The request's ledger row, and its quota counted as used (not reserved)."""
+    if state.dispatcher is not None and (account.served or account.status != 200):
+        await state.dispatcher.record(row_for(request, account))
+    ok = account.outcome == "ok" and account.served is not None
+    await settle_quota(state, account.reservation, account.images if ok else 0,
+                       account.served.cost_usd if ok and account.served else 0.0)
 
 
 @asynccontextmanager
 async def accounted(request: Request, state: AppState, endpoint: str, model: str | None,
-                    images: int = 0) -> AsyncIterator[Account]:
+                    images: int = 0, usd_ceiling: float = 0.0) -> AsyncIterator[Account]:
     """One ledger row per request: what ran where, what it cost, or how it failed.
-    The caller's quota is checked first. The account is left on ``request.state`` for
-    the access log and the request metrics (server/middleware.py)."""
-    caller = caller_of(request)
-    account = Account(endpoint, model or "auto", caller.name, caller.bulk, images)
+    The caller's quota is reserved first (``images``, and ``usd_ceiling``: the most the
+    request could cost). The account is left on ``request.state`` for the access log and
+    the request metrics (server/middleware.py)."""
+    account = Account.of(request, endpoint, model or "auto", images)
     request.state.account = account
     try:
-        await check_quota(state, caller, images)
+        account.reservation = await reserve_quota(state, caller_of(request), images,
+                                                  usd_ceiling)
         yield account
     except APIError as err:
         account.status = err.status
         account.outcome = "rejected" if err.status in (400, 404, 413, 429) else "error"
         raise
     finally:
-        if state.dispatcher is not None and (account.served or account.status != 200):
-            await state.dispatcher.record(row_for(request, account))
+        await close_account(request, state, account)
 
 
 def row_for(request: Request, account: Account) -> UsageRow:
@@ -114,5 +131,6 @@ def row_for(request: Request, account: Account) -> UsageRow:
         queue_ms=served.queue_ms if served else 0.0,
         request_id=getattr(request.state, "request_id", None),
         key_name=account.key_name,
+        key_id=account.key_id,
         reason=served.reason if served else None,
     )

@@ -55,7 +55,8 @@ async def run_image_job(request: Request, state: AppState, endpoint: str, job: I
     """Route, run and account for an image job (one ledger row, under ``model`` if given);
     ``None`` when the client left first (its queued work is cancelled)."""
     dispatcher = state.require_dispatcher()
-    async with accounted(request, state, endpoint, model or job.model, job.n) as account:
+    async with accounted(request, state, endpoint, model or job.model, job.n,
+                         dispatcher.cost_ceiling(job)) as account:
         try:
             images, served = await unless_disconnected(
                 request, dispatcher.images(job, deadline_s(request, state),

@@ -42,7 +42,7 @@ async def usage(request: Request, state: State, start: str | None = None,
     until = parse_time(end, "end")
     caller = caller_of(request)
     # A team's key sees its own usage; the admin key (or an open server) sees everyone's.
-    only_key = caller.name if caller.key is not None else None
+    only_key = caller.owner if caller.key is not None else None
     ledger = state.require_dispatcher().ledger
     rows = [] if ledger is None else await asyncio.to_thread(
         ledger.totals, since=since, until=until, group_by=group_by, only_key=only_key)
@@ -50,5 +50,5 @@ async def usage(request: Request, state: State, start: str | None = None,
             "cost_usd", "cloud_equivalent_usd", "savings_usd")
     total = {k: sum(r[k] for r in rows) for k in keys}
     return {"object": "list", "group_by": group_by, "start": since.isoformat(),
-            "end": until.isoformat() if until else None, "key": only_key,
-            "data": rows, "total": total}
+            "end": until.isoformat() if until else None,
+            "key": caller.name if only_key else None, "data": rows, "total": total}

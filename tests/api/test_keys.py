@@ -32,8 +32,12 @@ def test_keys_quotas_and_usage(tiny_weights: Path, tmp_path: Path) -> None:
     settings = Settings(weights_dir=tiny_weights, ledger_url=url,
                         admin_key=SecretStr(ADMIN))
     with serve(create_app(settings, chat_loader=None)) as base:
-        # no key exists yet: the box is open, whatever key the client sends
-        assert gen(sdk(base, "anything")) == 1
+        # no team key yet, but an admin key is configured: every request needs a key
+        with pytest.raises(openai.AuthenticationError):
+            gen(sdk(base, "anything"))
+        assert httpx.post(f"{base}/v1/images/generations",
+                          json={"prompt": "x"}).status_code == 401
+        assert gen(sdk(base, ADMIN)) == 1
         # keys made as `spillway keys create` makes them: straight into the database
         store = KeyStore(Ledger(url))
         team_a = store.create("team-a", daily_images=3)
@@ -66,7 +70,7 @@ def test_keys_quotas_and_usage(tiny_weights: Path, tmp_path: Path) -> None:
         everyone = httpx.get(f"{base}/v1/usage", params={"group_by": "key"},
                              headers={"Authorization": f"Bearer {ADMIN}"}).json()
         images = {r["group"]: r["images"] for r in everyone["data"]}
-        assert images == {None: 1, "team-a": 3, "team-b": 3}
+        assert images == {"admin": 1, "team-a": 3, "team-b": 3}
         assert everyone["total"]["savings_usd"] > 0  # local work vs the gpt-image price
         bad = httpx.get(f"{base}/v1/usage", params={"group_by": "colour"},
                         headers={"Authorization": f"Bearer {ADMIN}"})

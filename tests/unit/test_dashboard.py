@@ -149,7 +149,7 @@ def usage(route: str, at: datetime, images: int = 1, *, key: str | None = "alice
           outcome: str = "ok", cost: float = 0.0, latency: float = 50.0) -> UsageRow:
     return UsageRow(GEN, "auto", route, None, outcome, 200 if outcome == "ok" else 429,
                     images=images, cost_usd=cost, cloud_equivalent_usd=0.04 * images,
-                    latency_ms=latency, key_name=key, at=at)
+                    latency_ms=latency, key_name=key, key_id=key, at=at)
 
 
 def test_per_minute_groups_by_minute_and_route(ledger: Ledger) -> None:

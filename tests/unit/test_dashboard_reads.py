@@ -32,7 +32,7 @@ def record(ledger: Ledger, rng: random.Random, now: datetime, n: int) -> None:
             200 if ok else 429, images=rng.randint(0, 4) if ok else 0,
             cost_usd=round(rng.uniform(0, 0.05), 6) if ok else 0.0,
             cloud_equivalent_usd=0.04 if ok else 0.0, latency_ms=rng.uniform(10, 900),
-            key_name=rng.choice(KEYS[1:] + [None]),
+            key_id=rng.choice(KEYS[1:] + [None]),
             # mostly now; some late arrivals within the hour, some from earlier today
             at=now - timedelta(seconds=rng.choice([0, 0, 5, 120, 1800, 5000]))))
 

@@ -24,7 +24,7 @@ def row(route: str, cost: float = 0.0, cloud: float = 0.0, *, at: datetime = NOW
     return UsageRow(endpoint=endpoint, model=model, route=route,
                     upstream_model=None if route == "local" else model,
                     outcome="ok", status=200, cost_usd=cost, cloud_equivalent_usd=cloud,
-                    key_name=key, at=at, **kw)  # type: ignore[arg-type]
+                    key_name=key, key_id=key, at=at, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
