@@ -65,8 +65,15 @@ class TextFormatter(logging.Formatter):
     """``access_log=text``: the same fields as ``key=value`` pairs, for a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] | None = getattr(record, "access", None)
-        if fields is None:
+        if getattr(record, "access", None) is None:
+            return super().format(record)
+        # The fields as the message has them, not as ``record.access`` does: a filter on
+        # the handler (server/redact.py takes secrets out) rewrites only the message.
+        try:
+            fields = json.loads(record.getMessage())
+        except ValueError:
+            return super().format(record)
+        if not isinstance(fields, dict):
             return super().format(record)
         return " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
 

@@ -43,12 +43,14 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     """Start the HTTP server (OpenAI-compatible, under /v1)."""
     import uvicorn
 
-    from server import access_log
+    from server import access_log, redact
     from server.app import create_app
 
     settings = _settings(host=host, port=port, weights_dir=weights_dir)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # At debug the HTTP stacks and SDKs print request and response headers: not theirs.
+    redact.quiet_chatty_loggers(settings.log_level)
     access_log.configure(settings.access_log)
     app_ = create_app(settings)
 
@@ -64,6 +66,8 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
                             log_level=settings.log_level.lower(),
                             access_log=False,  # ours has the route, cost and key name
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+    # After uvicorn.Config, which sets up uvicorn's own handlers: every handler gets it.
+    redact.install(redact.RedactingFilter(redact.Redactor(redact.settings_secrets(settings))))
     Server(config).run()
 
 

@@ -40,6 +40,7 @@ from server.providers.base import (
 )
 from server.providers.local import MEDIA_TYPES, encode_image
 from server.providers.pricing import openai_image_cost, openai_quality_tier, token_cost
+from server.redact import REDACTED, redact
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,11 @@ class Malformed(Exception):
 
 
 def scrub(text: str, secrets: Sequence[str] = ()) -> str:
-    """The text without any of ``secrets`` nor anything that looks like an API key,
-    cut to a sane length."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    text = _KEYLIKE.sub("[redacted]", text)
+    """The text without any of ``secrets`` in any disguise (case, reversal, base64,
+    whitespace: server/redact.py) nor anything that looks like an API key, cut to a sane
+    length."""
+    text = redact(text, secrets)
+    text = _KEYLIKE.sub(REDACTED, text)
     text = " ".join(text.split())
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
 

@@ -5,14 +5,25 @@ other origin. The SDKs follow redirects by default and strip only ``Authorizatio
 across origins, so ``x-goog-api-key`` (Gemini) and ``api-key`` (Azure) would go along.
 Spillway does not follow upstream redirects at all: the canary, a server on another
 loopback port, must see no request, and Spillway's own client gets a clean error.
+
+The log: an upstream that hands the key back disguised (upper-cased, reversed, base64,
+split by whitespace) or as a request id, to a server at debug level, finds none of it in
+what ``spillway serve`` prints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from google import genai
@@ -34,14 +45,16 @@ from server.job import ImageJob
 from server.providers.base import ChatJob, ProviderError
 from server.providers.gemini import GeminiProvider
 from server.providers.openai import OpenAIProvider
-from tests.conftest import serve
-from tests.fakes import FakeUpstream
+from tests.conftest import free_port, serve
+from tests.fakes import FakeUpstream, key_variants
 from tests.fakes.canary import Canary, running_canary
 from tests.fakes.gemini_server import FakeGemini, running_fake_gemini
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
 OPENAI_KEY = "sk-test-redirect-0123456789abcdef"
 GEMINI_KEY = "AIza" + "TEST-redirect-abcdefghijklmn"
+ADMIN_KEY = "spillway-admin-" + "Kq7vX2mNp9"
+SPILLWAY = str(Path(sys.executable).with_name("spillway"))
 ROOMY = {m: RateLimit(per_minute=1000, burst=1000) for m in
          ("gpt-image-1", "gemini-2.5-flash-image", "gpt-4o-mini", "gemini-2.5-flash")}
 
@@ -162,3 +175,91 @@ def test_spillway_client_gets_a_clean_502_not_the_redirect(
             assert "Traceback" not in str(gexc.value.message)
     assert len(oa.calls) == 2 and len(gm.calls) == 2
     assert canary.calls == [] and canary.credentials_seen() == []
+
+
+# ---------------------------------------------------------------- the log
+
+def leaks(text: str, secret: str) -> list[str]:
+    """The forms of ``secret`` in ``text``: its own, its disguises, or any 10-character
+    run of it (or of it reversed) in any case once whitespace is squeezed out."""
+    found = [name for name, form in {"exact": secret, **key_variants(secret)}.items()
+             if form in text]
+    squeezed = "".join(text.split()).lower()
+    for form in (secret.lower(), secret[::-1].lower()):
+        found += [form[i:i + 10] for i in range(len(form) - 9) if form[i:i + 10] in squeezed]
+    return found
+
+
+def test_no_form_of_any_key_reaches_the_log_at_debug(
+        upstreams: tuple[FakeOpenAI, FakeGemini, Canary], tmp_path: Path) -> None:
+    oa, gm, _ = upstreams
+    for fake in (oa, gm):
+        fake.reset()
+        fake.echo_key = fake.echo_variants = True  # a hostile relay
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPILLWAY_PORT": str(port),
+           "SPILLWAY_LOG_LEVEL": "debug", "SPILLWAY_ACCESS_LOG": "text",
+           "SPILLWAY_LEDGER_URL": "sqlite://", "SPILLWAY_VLM__ENABLED": "false",
+           # no weights: the local model fails to load (logged), the clouds answer
+           "SPILLWAY_WEIGHTS_DIR": str(tmp_path / "no-weights"),
+           "SPILLWAY_ADMIN_KEY": ADMIN_KEY,
+           "SPILLWAY_OPENAI__API_KEY": OPENAI_KEY, "SPILLWAY_OPENAI__BASE_URL": oa.base_url,
+           "SPILLWAY_GEMINI__API_KEY": GEMINI_KEY, "SPILLWAY_GEMINI__BASE_URL": gm.url}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([SPILLWAY, "serve"], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=ADMIN_KEY, max_retries=0,
+                               timeout=30)
+        deadline = time.monotonic() + 180
+        while True:  # /healthz: the local model will never be ready, the server is
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+        statuses = []
+
+        def status_of(call: Callable[[], Any]) -> int:
+            try:
+                call()
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        def image(model: str) -> Callable[[], Any]:
+            return lambda: client.images.generate(model=model, prompt="a lighthouse",
+                                                  size="512x512")
+
+        def chat(model: str) -> Callable[[], Any]:
+            return lambda: client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hello"}])
+
+        oa.queue_modes(["error500"])
+        statuses.append(status_of(image("gpt-image-1")))
+        oa.queue_modes(["auth"])
+        statuses.append(status_of(chat("gpt-4o-mini")))
+        statuses.append(status_of(chat("gpt-4o-mini")))  # ok; its request id is the key
+        gm.queue_modes(["error500"])
+        statuses.append(status_of(image("gemini-2.5-flash-image")))
+        gm.queue_modes(["rate_limit"])
+        statuses.append(status_of(chat("gemini-2.5-flash")))
+        assert statuses == [502, 502, 200, 502, 429]
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    out = log_path.read_text(errors="replace")
+    # The log is at debug, the failures were logged, and the upstreams did echo the key.
+    assert " DEBUG " in out and "cloud route failed" in out and "[redacted]" in out
+    assert len(oa.calls) == 3 and len(gm.calls) == 2
+    for secret in (OPENAI_KEY, GEMINI_KEY, ADMIN_KEY):
+        assert leaks(out, secret) == [], secret

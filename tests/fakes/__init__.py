@@ -14,7 +14,9 @@ Modes: "ok", "rate_limit" (429 + Retry-After: ``retry_after``), "error500", "err
 "wrong_shape" (200, JSON of the wrong shape), "auth" (OpenAI 401, Gemini 403),
 "redirect" (307 to ``redirect_to``, as a hostile relay might answer).
 Other knobs: ``retry_after``, ``hang_s``, ``echo_key`` (error messages repeat the key
-received, as a careless relay might), ``expected_key`` (refuse any other key).
+received, as a careless relay might), ``echo_variants`` (they repeat it upper-cased,
+reversed, base64'd and split by whitespace too, and the OpenAI fake's ``x-request-id``
+carries it: a hostile relay), ``expected_key`` (refuse any other key).
 ``running_canary()`` (tests.fakes.canary) is a server on another port that records
 whatever reaches it: where a redirect points.
 ``reset()`` restores all of them and forgets the calls. ``fake.url`` is the root;
@@ -80,6 +82,7 @@ class FakeUpstream:
         self.hang_s = 10.0  # for "hang"; cut short when the fake stops
         self.latency_s = 0.0  # every answer takes this long (a real upstream's ~2 s)
         self.echo_key = False  # error messages repeat the key they got (a careless relay)
+        self.echo_variants = False  # ...and its disguises (a hostile relay); see key_variants
         self.redirect_to = ""  # where "redirect" sends the client (307, method and body kept)
         self.expected_key: str | None = None  # when set, any other key is refused
 
@@ -125,6 +128,27 @@ class FakeUpstream:
         deadline = time.monotonic() + self.hang_s
         while time.monotonic() < deadline and not self._stopping.is_set():
             await asyncio.sleep(0.02)
+
+
+def key_variants(key: str) -> dict[str, str]:
+    """The disguises a hostile relay (or a careless log line) gives a key: none of them
+    is the key's exact text, all of them give it away."""
+    half = len(key) // 2
+    return {"upper": key.upper(), "lower": key.lower(), "reversed": key[::-1],
+            "base64": base64.b64encode(key.encode()).decode("ascii"),
+            "basic-auth": base64.b64encode(f"user:{key}".encode()).decode("ascii"),
+            "split": f"{key[:half]} {key[half:]}",
+            "spaced": " ".join(key[i:i + 4] for i in range(0, len(key), 4))}
+
+
+def echo_of(fake: FakeUpstream, key: str) -> str:
+    """What an error message repeats of the key it got, as the fake's knobs say."""
+    if not key or not (fake.echo_key or fake.echo_variants):
+        return ""
+    said = [key] if fake.echo_key else []
+    if fake.echo_variants:
+        said += [f"{name} {value}" for name, value in key_variants(key).items()]
+    return " (key " + "; ".join(said) + ")"
 
 
 @functools.lru_cache(maxsize=256)  # a fake under load should not spend the CPU on PNGs

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tests.fakes import FakeUpstream, color_for, png_b64, run_app
+from tests.fakes import FakeUpstream, color_for, echo_of, png_b64, run_app
 
 VERSIONS = ("v1", "v1beta")
 
@@ -68,7 +68,7 @@ class FakeGemini(FakeUpstream):
         return JSONResponse({"error": error}, status_code=code, headers=headers)
 
     def _failure(self, mode: str, key: str) -> Response | None:
-        said = f" (key {key})" if self.echo_key and key else ""
+        said = echo_of(self, key)
         if mode == "rate_limit":
             return self._error(
                 429, "RESOURCE_EXHAUSTED", f"Resource has been exhausted{said}",
@@ -82,9 +82,7 @@ class FakeGemini(FakeUpstream):
         if mode == "error503":
             return self._error(503, "UNAVAILABLE", f"The model is overloaded{said}")
         if mode == "auth":
-            return self._error(403, "PERMISSION_DENIED",
-                               f"Permission denied for key {key}" if self.echo_key
-                               else "Permission denied.")
+            return self._error(403, "PERMISSION_DENIED", "Permission denied" + (said or "."))
         if mode == "malformed":
             return Response(b'{"candidates": [ this is not json', media_type="application/json")
         if mode == "redirect":

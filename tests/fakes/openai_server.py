@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
-from tests.fakes import FakeUpstream, color_for, png_b64, run_app
+from tests.fakes import FakeUpstream, color_for, echo_of, png_b64, run_app
 
 # gpt-image-1 image tokens per image at medium quality, by size (the usage block)
 _IMAGE_TOKENS = {"1024x1024": 1056, "1536x1024": 1584, "1024x1536": 1584}
@@ -37,10 +37,16 @@ class FakeOpenAI(FakeUpstream):
                                        "code": code}},
                             status_code=status, headers=headers)
 
+    def _rid(self, key: str) -> dict[str, str]:
+        # A hostile relay may hand the key back as a request id, which the SDK logs.
+        if self.echo_variants and key:
+            return {"x-request-id": f"req_{key}"}
+        return {"x-request-id": f"req_fake_{len(self.calls)}"}
+
     def _failure(self, mode: str, key: str) -> Response | None:
         """The answer for a failing mode, or None to go on."""
-        said = f" (key {key})" if self.echo_key and key else ""
-        rid = {"x-request-id": f"req_fake_{len(self.calls)}"}
+        said = echo_of(self, key)
+        rid = self._rid(key)
         if mode == "rate_limit":
             return self._error(429, f"Rate limit reached for requests{said}", "requests",
                                "rate_limit_exceeded",
@@ -50,9 +56,8 @@ class FakeOpenAI(FakeUpstream):
             return self._error(status, f"The server had an error{said}", "server_error", None,
                                rid)
         if mode == "auth":
-            return self._error(401, f"Incorrect API key provided: {key}" if self.echo_key
-                               else "Incorrect API key provided.", "invalid_request_error",
-                               "invalid_api_key", rid)
+            return self._error(401, "Incorrect API key provided" + (said or "."),
+                               "invalid_request_error", "invalid_api_key", rid)
         if mode == "malformed":
             return Response(b'{"created": 1, "data": [ this is not json',
                             media_type="application/json", headers=rid)
@@ -106,7 +111,7 @@ class FakeOpenAI(FakeUpstream):
         if not isinstance(body, dict):
             return self._error(400, "We could not parse the JSON body of your request.",
                                "invalid_request_error", None)
-        rid = {"x-request-id": f"req_fake_{len(self.calls)}"}
+        rid = self._rid(key)
         if kind == "chat":
             if mode == "wrong_shape":
                 return JSONResponse({"id": "chatcmpl-fake", "object": "chat.completion",
