@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +65,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pipelines.vlm import ChatResult
-from server import db, media
+from server import db, media, safejson
 from server.auth import Caller, reserve_quota, settle_quota
 from server.config import MediaSettings
 from server.db import is_memory_sqlite, open_engine
@@ -319,9 +319,17 @@ class _Claimed:
     owner: str | None
 
 
+def _shown(value: str | None) -> str | None:
+    """Text for a response: a row stored before strings were checked at the edge may hold
+    a lone surrogate; it is shown escaped rather than failing the whole listing."""
+    if value is None or safejson.valid_text(value):
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def file_object(row: FileRow) -> dict[str, Any]:
     return {"id": row.id, "object": "file", "bytes": row.size, "created_at": row.created_at,
-            "filename": row.filename, "purpose": row.purpose, "status": "processed",
+            "filename": _shown(row.filename), "purpose": row.purpose, "status": "processed",
             "expires_at": None, "status_details": None}
 
 
@@ -331,14 +339,16 @@ def batch_object(b: BatchRow, counts: dict[str, int]) -> dict[str, Any]:
         errors = {"object": "list", "data": b.errors}
     return {
         "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": errors,
-        "input_file_id": b.input_file_id, "completion_window": b.completion_window,
+        "input_file_id": _shown(b.input_file_id), "completion_window": b.completion_window,
         "status": b.status, "output_file_id": b.output_file_id,
         "error_file_id": b.error_file_id, "created_at": b.created_at,
         "in_progress_at": b.in_progress_at, "expires_at": b.expires_at,
         "finalizing_at": b.finalizing_at, "completed_at": b.completed_at,
         "failed_at": b.failed_at, "expired_at": b.expired_at,
         "cancelling_at": b.cancelling_at, "cancelled_at": b.cancelled_at,
-        "request_counts": counts, "metadata": b.meta,
+        "request_counts": counts,
+        "metadata": None if b.meta is None else {
+            _shown(str(k)): _shown(str(v)) for k, v in b.meta.items()},
     }
 
 
@@ -496,16 +506,44 @@ class BatchService:
             if rerun or unknown:
                 log.warning("batch worker: %d interrupted items to re-run, %d sent upstream "
                             "with an unknown outcome", rerun, unknown)
+        # One batch's trouble is that batch's: it fails (with its reason), and every other
+        # batch, of every key, goes on.
         for batch_id in await asyncio.to_thread(self._batches_to_validate):
-            await asyncio.to_thread(self._validate, batch_id)
+            await self._guarded(batch_id, "validating", self._validate, batch_id)
         for batch_id, final in await asyncio.to_thread(self._advance):
-            await asyncio.to_thread(self._finalize, batch_id, final)
+            await self._guarded(batch_id, "finalizing", self._finalize, batch_id, final)
         slots = self.concurrency - len(self._inflight)
         if slots > 0 and self._models_settled() and not self._stopping:
             for item in await asyncio.to_thread(self._claim, slots):
                 task = asyncio.create_task(self._execute(item), name=f"batch-item-{item.id}")
                 self._inflight[item.id] = task
                 task.add_done_callback(functools.partial(self._done, item.id))
+
+    async def _guarded(self, batch_id: str, doing: str, step: Callable[..., None],
+                       *args: Any) -> None:
+        """Run one batch's step; an error that is not the storage's (which passes: the
+        step is retried next turn) fails that batch alone, with its reason."""
+        try:
+            await asyncio.to_thread(step, *args)
+        except OperationalError:
+            log.exception("batch %s: the database failed while %s; retrying", batch_id, doing)
+        except Exception as exc:
+            log.exception("batch %s failed while %s", batch_id, doing)
+            await asyncio.to_thread(self._fail_batch, batch_id, {
+                "code": "batch_failed", "line": None, "param": None,
+                "message": f"The batch failed on the server while {doing}: "
+                           f"{type(exc).__name__}."})
+
+    def _fail_batch(self, batch_id: str, error: dict[str, Any]) -> None:
+        now = time.time()
+        with self._write() as s:
+            b = s.scalar(select(BatchRow).where(BatchRow.id == batch_id))
+            if b is None or b.status not in OPEN:
+                return
+            self._cancel_pending(s, batch_id, "batch_failed", error["message"])
+            b.status, b.failed_at, b.validated = FAILED, int(now), True
+            b.errors = [error]
+            s.commit()
 
     def _done(self, item_id: int, task: asyncio.Task[None]) -> None:
         self._inflight.pop(item_id, None)
@@ -627,7 +665,9 @@ class BatchService:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        name = os.path.basename(filename.replace("\\", "/"))[:255] or "upload.jsonl"
+        name = os.path.basename(filename.replace("\\", "/"))[:255]
+        name = name if safejson.valid_text(name) and name.isprintable() else ""
+        name = name or "upload.jsonl"
         row = FileRow(id=file_id, purpose=purpose, filename=name, size=size,
                       created_at=int(time.time()), owner=owner)
         with self._write() as s:
@@ -676,6 +716,14 @@ class BatchService:
                 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items())):
             raise bad_request("metadata takes up to 16 pairs, keys up to 64 characters and "
                               "values up to 512.", param="metadata")
+        # Validated before anything is stored: a string no encoder takes would be stored
+        # and then break every listing that shows it.
+        for param, value in (("input_file_id", input_file_id), ("endpoint", endpoint),
+                             ("completion_window", window),
+                             *(("metadata", t) for kv in (metadata or {}).items() for t in kv)):
+            if not safejson.valid_text(value):
+                raise bad_request(f"{param} holds a lone surrogate, which is not text.",
+                                  param=param)
         file = self.get_file(input_file_id, caller, "input_file_id")
         if file.purpose != "batch":
             raise bad_request(f"The file {input_file_id!r} has purpose {file.purpose!r}; a "
@@ -798,6 +846,13 @@ class BatchService:
                                         "line_id": new_line_id(),
                                         "custom_id": bad.custom_id, "code": bad.code,
                                         "message": f"line {n}: {bad.message}"[:2000]})
+                    except Exception as exc:  # one line's surprise is that line's error
+                        log.exception("batch %s: line %d could not be checked", batch_id, n)
+                        rejects.append({"batch_id": batch_id, "line": n,
+                                        "line_id": new_line_id(), "custom_id": None,
+                                        "code": "invalid_request",
+                                        "message": f"line {n}: this line could not be "
+                                                   f"processed ({type(exc).__name__})."})
         except OSError:
             fatal = {"code": "file_not_found", "line": None, "param": "input_file_id",
                      "message": f"The input file {batch.input_file_id} cannot be read."}
@@ -831,9 +886,12 @@ class BatchService:
     def _check_line(self, n: int, raw: bytes, batch: BatchRow, seen: dict[str, int]
                     ) -> dict[str, Any]:
         try:
-            obj = json.loads(raw)
-        except ValueError as exc:
-            raise _Reject("invalid_json_line", "this line is not valid JSON.") from exc
+            # Nesting limit and valid Unicode: a line nested 100,000 deep, or a custom_id
+            # with a lone surrogate, is this line's error, not the worker's.
+            obj = safejson.parse(raw)
+        except safejson.JSONError as exc:
+            where = f" (at {exc.path})" if exc.path else ""
+            raise _Reject("invalid_json_line", f"{exc.message}{where}") from exc
         if not isinstance(obj, dict):
             raise _Reject("invalid_json_line", "a line must be a JSON object.")
         custom_id = obj.get("custom_id")
