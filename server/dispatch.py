@@ -29,6 +29,7 @@ from server.providers.base import ChatJob, ChatOutcome, CloudProvider, OutImage,
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 from server.providers.openai import nearest_size
+from server.retry_after import retry_headers
 from server.router import CLOUDS, CloudState, JobView, Policy, Route, Signals, cloud_of, decide
 
 log = logging.getLogger(__name__)
@@ -354,9 +355,8 @@ def to_item(job: ChatJob) -> ChatItem:
 
 
 def _reject(route: Route) -> APIError:
-    headers = {}
-    if route.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(route.retry_after_s)))
+    # The router's wait (a drain estimate, an upstream's Retry-After) as clients honour it.
+    headers = retry_headers(route.retry_after_s) if route.retry_after_s is not None else {}
     kind = {429: "rate_limit_error", 400: "invalid_request_error"}.get(route.status,
                                                                         "server_error")
     return APIError(route.status, route.message, type=kind, code=route.code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -12,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from server.retry_after import retry_headers
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,14 @@ def model_not_found(model: str) -> APIError:
 
 
 def queue_full(retry_after_s: float) -> APIError:
-    seconds = max(1, round(retry_after_s))
-    return APIError(429, f"The local queue is full; retry in about {seconds} s.",
-                    type="rate_limit_error", code="queue_full",
-                    headers={"Retry-After": str(seconds)})
+    """``retry_after_s`` is the drain estimate; the headers say no more than clients
+    honour (server/retry_after.py), the message says the estimate when it is longer."""
+    headers = retry_headers(retry_after_s)
+    wait = headers["Retry-After"]
+    drain = round(retry_after_s) if math.isfinite(retry_after_s) else 0
+    ahead = f" (about {drain} s of work ahead)" if drain > int(wait) else ""
+    return APIError(429, f"The local queue is full{ahead}; retry in about {wait} s.",
+                    type="rate_limit_error", code="queue_full", headers=headers)
 
 
 def shutting_down() -> APIError:
