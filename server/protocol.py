@@ -10,8 +10,10 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from server import safejson
 from server.config import ImageSettings
 from server.errors import bad_request
 from server.job import ImageJob
@@ -25,7 +27,29 @@ QUALITY_STEPS = {"low": 1, "standard": 1, "medium": 2, "high": 4, "hd": 4}
 Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
 
 
-class ImageGenerationRequest(BaseModel):
+class WireModel(BaseModel):
+    """A request body that FastAPI (or a batch line) parsed: the whole input passes
+    ``safejson.check`` first. JSON allows ``"\\ud800"``, which pydantic lets through a
+    plain ``str`` and no encoder, database or tokenizer takes; a body nested deeper than
+    any request needs is refused before anything walks it. One check over every string,
+    nested ones and dict keys included, so no field can be forgotten."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json(cls, data: Any) -> Any:
+        try:
+            safejson.check(data)
+        except safejson.JSONError as exc:
+            # A ValidationError raised here keeps its own location: the path safejson
+            # found ("messages[0].content"), which the error handler names as the param.
+            error = PydanticCustomError("invalid_text", "{message}",
+                                        {"message": exc.message.rstrip(".")})
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=error, loc=(exc.path,) if exc.path else (), input=None)]) from None
+        return data
+
+
+class ImageGenerationRequest(WireModel):
     # Unknown fields are ignored, as newer SDKs add parameters (moderation, style...).
     model_config = ConfigDict(extra="ignore")
 

@@ -8,21 +8,22 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from pipelines.vlm import ChatResult, Message
 from server.errors import APIError, bad_request
+from server.protocol import WireModel
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 DETAILS = ("low", "high", "auto")
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(WireModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool | None = None
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str

@@ -10,7 +10,7 @@ import asyncio
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -18,6 +18,7 @@ from server import jobs
 from server.auth import caller_of
 from server.errors import APIError, bad_request
 from server.middleware import RequestContext
+from server.protocol import WireModel
 from server.state import AppState, State
 
 router = APIRouter()
@@ -88,7 +89,7 @@ async def delete_file(file_id: str, request: Request, state: State) -> JSONRespo
                                                 caller_of(request)))
 
 
-class BatchCreate(BaseModel):
+class BatchCreate(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str

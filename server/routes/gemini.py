@@ -37,7 +37,7 @@ from server.router import cloud_of
 from server.routes.chat import check_chat_model, load_images
 from server.routes.chat_run import run_chat_job, stream_chat
 from server.routes.common import deadline_s
-from server.routes.images import check_image_model, run_image_job
+from server.routes.images import check_image_model, json_body, run_image_job
 from server.state import AppState, State
 
 router = APIRouter()
@@ -45,11 +45,7 @@ VERSIONS = ("v1beta", "v1")
 
 
 async def _ask(request: Request) -> GeminiAsk:
-    try:
-        raw = await request.json()
-    except ValueError as exc:
-        raise bad_request("The request body is not valid JSON.", code="invalid_json") from exc
-    return parse_request(raw)
+    return parse_request(await json_body(request))
 
 
 def _model(state: AppState, asked: str, image: bool) -> str:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from pipelines.registry import MODEL_ID
-from server import media
+from server import media, safejson
 from server.dispatch import Served
 from server.errors import APIError, bad_request, model_not_found
 from server.job import ImageJob
@@ -102,15 +102,21 @@ async def get_image(image_id: str, state: State) -> Response:
                     headers={"Cache-Control": f"private, max-age={ttl}"})
 
 
+async def json_body(request: Request) -> Any:
+    """A JSON body we parse ourselves (not through a pydantic model): ``safejson``, so
+    deep nesting and lone surrogates are a 400 naming where, never a RecursionError."""
+    try:
+        return safejson.parse(await request.body())
+    except safejson.JSONError as exc:
+        raise bad_request(exc.message, param=exc.path, code="invalid_json") from None
+
+
 async def _edit_inputs(request: Request, state: AppState
                        ) -> tuple[ImageEditRequest, list[bytes | str]]:
     """Multipart (``image`` / repeated ``image[]`` files) or JSON (``images[].image_url``)."""
     limit = state.settings.media.max_images_per_request
     if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            raw = await request.json()
-        except ValueError as exc:
-            raise bad_request("The request body is not valid JSON.", code="invalid_json") from exc
+        raw = await json_body(request)
         if not isinstance(raw, dict):
             raise bad_request("The request body must be a JSON object.")
         refs = raw.pop("images", None) or []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,21 +17,34 @@ from server.state import State
 router = APIRouter()
 
 
+# Unix seconds the ledger can hold: from the epoch to the last second of year 9999
+# (datetime's range). Anything else is a client's mistake, not an OverflowError.
+_LAST_SECOND = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+
 def parse_time(value: str | None, param: str) -> datetime | None:
-    """Unix seconds or an ISO date/time (UTC when no zone is given)."""
+    """Unix seconds or an ISO date/time (UTC when no zone is given); every value that is
+    neither (``inf``, ``1e400``, ``-1e20``, year 0) is a 400 naming ``param``."""
     if value in (None, ""):
         return None
     assert value is not None
+    shown = value[:40]
     try:
-        return datetime.fromtimestamp(float(value), UTC)
+        seconds = float(value)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        if not (math.isfinite(seconds) and 0 <= seconds <= _LAST_SECOND):
+            raise bad_request(f"{param} is {shown!r}: unix seconds must be between 0 and "
+                              f"{_LAST_SECOND:.0f}.", param=param)
+        return datetime.fromtimestamp(seconds, UTC)
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise bad_request(f"{param} must be unix seconds or an ISO date, not {value[:40]!r}.",
-                          param=param) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        # An offset at either end of datetime's range overflows once made UTC.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise bad_request(f"{param} must be unix seconds or an ISO date, not {shown!r}.",
+                          param=param) from None
 
 
 @router.get("/v1/usage")

@@ -167,7 +167,7 @@ BAD = [
     # JSON can carry a lone surrogate (\ud800) that no tokenizer takes
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}],
-      "stream": True}, 400, "messages[0].content[0]"),
+      "stream": True}, 400, "messages[0].content[0].text"),
 ]
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from server.config import ImageSettings
 from server.errors import APIError
 from server.image_store import ImageStore
 from server.protocol import ImageGenerationRequest, parse_size, seeds_for, to_image_job
+from server.protocol_chat import ChatRequest
 
 
 def test_parse_size() -> None:
@@ -39,6 +41,34 @@ def test_quality_maps_to_steps_and_extension_wins() -> None:
     assert [i.seed for i in job.items()] == [1, 2, 3]
     with pytest.raises(APIError):
         to_image_job(ImageGenerationRequest(prompt="x", stream=True), "m", limits)
+
+
+def nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("model", "body", "where"), [
+    (ImageGenerationRequest, {"prompt": "x", "user": "\ud800"}, "user"),
+    (ImageGenerationRequest, {"prompt": "x", "unknown": ["\udfff"]}, "unknown[0]"),
+    (ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "a\ud800"}]},
+     "messages[0].content"),
+    (ChatRequest, {"model": "m", "messages": [{"\ud800": 1}]}, "messages[0].\\ud800"),
+    # the body is one level; 64 levels below it are one too many
+    (ChatRequest, {"model": "m", "messages": [{}], "stream_options": nested(64)},
+     "stream_options" + "[0]" * 63),
+])
+def test_wire_models_refuse_what_no_encoder_takes(model: type[BaseModel],
+                                                   body: dict[str, object],
+                                                   where: str) -> None:
+    """Every string of a parsed body, wherever it is (keys too), is valid Unicode, and no
+    body nests deeper than safejson allows; the error's location is the path."""
+    with pytest.raises(ValidationError) as exc:
+        model.model_validate(body)
+    assert exc.value.errors()[0]["loc"] == (where,)
+    ChatRequest.model_validate({"model": "m", "messages": [{"x": nested(61)}]})  # at the limit
 
 
 def test_image_store_expires_and_caps_bytes() -> None:
