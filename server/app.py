@@ -129,6 +129,16 @@ async def _say_auth_mode(state: AppState) -> None:
                     "use it and read all usage")
 
 
+async def _flush_ledger(ledger: Ledger, every_s: float = 5.0) -> None:
+    """Rows held while the database refused writes (a full disk) go in once it takes them."""
+    while True:
+        await asyncio.sleep(every_s)
+        if ledger.held:
+            left = await asyncio.to_thread(ledger.flush_held)
+            if not left:
+                log.info("ledger: the held rows are written")
+
+
 def create_app(settings: Settings, loader: Loader | None = load_local_images,
                chat_loader: ChatLoader | None = load_local_chat) -> FastAPI:
     """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``);
@@ -182,6 +192,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
                 await load("qwen3-vl-4b", chat_loader)
 
         state.loaders.append(asyncio.create_task(load_all()))
+        state.loaders.append(asyncio.create_task(_flush_ledger(ledger), name="ledger-flush"))
         try:
             yield
         finally:
@@ -193,8 +204,9 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
                 if local is not None:
                     await asyncio.to_thread(local.close)
             await state.dispatcher.close()
-            if state.dispatcher.ledger is not None:
-                state.dispatcher.ledger.close()
+            if ledger.held and await asyncio.to_thread(ledger.flush_held):
+                log.error("ledger: %d rows could not be written before exit", ledger.held)
+            ledger.close()
 
     app = FastAPI(title="Spillway", version="0.1.0", lifespan=lifespan)
     app.state.spillway = state

@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="always accepted; sees every key's usage")
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish requests")
+    storage_min_free_mb: int = Field(
+        64, ge=0, description="/readyz reports storage trouble below this much free space "
+        "where batch files and the SQLite ledger live")
 
 
 @lru_cache(maxsize=1)

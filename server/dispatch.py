@@ -334,8 +334,8 @@ class Dispatcher:
         if self.on_record is not None:
             self.on_record(row)
         if self.ledger is not None:
-            ledger = self.ledger
-            await asyncio.to_thread(ledger.record, row)
+            # Never raises for a database that refuses: the row is held and written later.
+            await asyncio.to_thread(self.ledger.record_or_hold, row)
 
     async def close(self) -> None:
         for provider in self.providers.values():

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.retry_after import retry_headers
+from server.storage import is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ def from_batch_failure(exc: BaseException, timeout_s: float, what: str) -> APIEr
                     code="pipeline_error")
 
 
+def insufficient_storage() -> APIError:
+    return APIError(507, "The server's storage is full, so this request could not be "
+                    "stored; nothing of it was kept. Retry once the operator has freed "
+                    "space.", type="server_error", code="insufficient_storage",
+                    headers={"Retry-After": "30"})
+
+
 def server_error(message: str = "The server failed to process this request.") -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
 
@@ -96,7 +104,8 @@ _GEMINI_PATH = re.compile(r"^/v1beta/|^/v1/models/[^/]+:\w+$")
 _GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                   404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
                   429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
-                  501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+                  501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+                  507: "UNAVAILABLE"}
 
 
 def is_gemini_path(path: str) -> bool:
@@ -175,5 +184,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_storage_full(exc):  # wherever a write found the disk full: the same 507
+            log.error("storage full on %s %s: %s", request.method, request.url.path, exc)
+            return error_response(insufficient_storage(), request.url.path, request.headers)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(server_error(), request.url.path, request.headers)

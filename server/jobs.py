@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import ValidationError
 from sqlalchemy import (
@@ -65,7 +65,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pipelines.vlm import ChatResult
@@ -97,6 +97,7 @@ from server.providers.base import OutImage
 from server.quotas import Reservation
 from server.routes.chat import chat_job_from, check_chat_model
 from server.routes.images import check_image_model
+from server.storage import is_transient_storage
 
 if TYPE_CHECKING:
     from server.dispatch import BeforeSend, Served
@@ -104,6 +105,7 @@ if TYPE_CHECKING:
     from server.state import AppState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GENERATIONS, EDITS, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
 ENDPOINTS = (GENERATIONS, EDITS, CHAT)
@@ -289,6 +291,10 @@ def _error_line(line_id: str, custom_id: str | None, code: str, message: str
                 ) -> dict[str, Any]:
     return {"id": line_id, "custom_id": custom_id, "response": None,
             "error": {"code": code, "message": message}}
+
+
+class _Abandoned(Exception):
+    """Storage still refused when the worker stopped: the item is left to the next start."""
 
 
 class _Reject(Exception):
@@ -525,9 +531,11 @@ class BatchService:
         step is retried next turn) fails that batch alone, with its reason."""
         try:
             await asyncio.to_thread(step, *args)
-        except OperationalError:
-            log.exception("batch %s: the database failed while %s; retrying", batch_id, doing)
         except Exception as exc:
+            if is_transient_storage(exc):  # a full disk, a locked database: next turn
+                log.error("batch %s: storage failed while %s (%s); retrying", batch_id,
+                          doing, exc)
+                return
             log.exception("batch %s failed while %s", batch_id, doing)
             await asyncio.to_thread(self._fail_batch, batch_id, {
                 "code": "batch_failed", "line": None, "param": None,
@@ -544,6 +552,25 @@ class BatchService:
             b.status, b.failed_at, b.validated = FAILED, int(now), True
             b.errors = [error]
             s.commit()
+
+    async def _stored(self, write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Write an item's state, retrying while storage refuses (a full disk): a finished
+        result is held here until it is written, never thrown away or failed for it. At
+        stop the item is abandoned as ``sending``, to be re-run (or, if it went to a cloud,
+        reported unknown) at the next start."""
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(write, *args, **kwargs)
+            except Exception as exc:
+                if not is_transient_storage(exc):
+                    raise
+                if self._stopping:
+                    raise _Abandoned from exc
+                log.error("batch worker: storage refused a write (%s); retrying in %.0f s",
+                          exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(MAX_BACKOFF_S, delay * 2)
 
     def _done(self, item_id: int, task: asyncio.Task[None]) -> None:
         self._inflight.pop(item_id, None)
@@ -687,7 +714,7 @@ class BatchService:
         return row
 
     def delete_file(self, file_id: str, caller: Caller) -> dict[str, Any]:
-        with self._write() as s:
+        with self._read() as s:
             row = s.get(FileRow, file_id)
             if row is None or not self._visible(row.owner, caller):
                 raise _not_found("file", file_id, "file_id")
@@ -695,9 +722,14 @@ class BatchService:
                                                   BatchRow.status.in_(OPEN)).limit(1)):
                 raise bad_request(f"The file {file_id!r} is the input of a batch that is "
                                   "still running.", param="file_id", code="file_in_use")
-            s.delete(row)
-            s.commit()
+        # The bytes first: on a full disk, deleting files is how space comes back, and
+        # deleting the row needs room itself (SQLite writes its journal first). A row left
+        # behind points at nothing, and get_file answers 404 for it.
         self.file_path(file_id).unlink(missing_ok=True)
+        _fsync_dir(self.files_dir)
+        with self._write() as s:
+            s.execute(delete(FileRow).where(FileRow.id == file_id))
+            s.commit()
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- batches: the API -------------------------------------------------------------------
@@ -1016,8 +1048,7 @@ class BatchService:
 
         async def before_send(provider: str, model: str) -> None:
             # The dispatcher may try a second cloud after a failure: never for a batch item.
-            if sent or not await asyncio.to_thread(self._record_send, item.id, provider,
-                                                   model):
+            if sent or not await self._stored(self._record_send, item.id, provider, model):
                 dispatcher.breakers[provider].release()
                 raise APIError(502, "This batch request was already sent upstream once (or "
                                "is no longer this worker's); it is not sent again.",
@@ -1027,7 +1058,7 @@ class BatchService:
         run = _Run(key_name=item.owner if item.owner == ADMIN_OWNER else None)
         try:
             served, images_made, model = await self._perform(item, before_send, run)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, _Abandoned):
             await settle_quota(self.state, run.reservation, 0, 0.0)
             raise
         except APIError as err:
@@ -1037,21 +1068,21 @@ class BatchService:
                 with contextlib.suppress(ValueError):
                     delay = min(MAX_BACKOFF_S,
                                 max(delay, float(err.headers.get("Retry-After", ""))))
-                await asyncio.to_thread(self._retry_later, item.id, delay)
+                await self._stored(self._retry_later, item.id, delay)
                 await settle_quota(self.state, run.reservation, 0, 0.0)
                 return
-            await asyncio.to_thread(self._finish, item.id, state=ITEM_FAILED,
-                                    status_code=err.status, response=err.body(),
-                                    error_code=err.code, request_id="req_" + uuid.uuid4().hex)
+            await self._stored(self._finish, item.id, state=ITEM_FAILED,
+                               status_code=err.status, response=err.body(),
+                               error_code=err.code, request_id="req_" + uuid.uuid4().hex)
             await self._account(item, run, None, 0, err.status, started,
                                 str(item.body.get("model") or "auto"))
             return
         except Exception as exc:
             log.exception("batch item %s/%s failed", item.batch_id, item.custom_id)
             failure = server_error(f"The request failed on the server: {type(exc).__name__}.")
-            await asyncio.to_thread(self._finish, item.id, state=ITEM_FAILED, status_code=500,
-                                    response=failure.body(), error_code=failure.code,
-                                    request_id="req_" + uuid.uuid4().hex)
+            await self._stored(self._finish, item.id, state=ITEM_FAILED, status_code=500,
+                               response=failure.body(), error_code=failure.code,
+                               request_id="req_" + uuid.uuid4().hex)
             await settle_quota(self.state, run.reservation, 0, 0.0)
             return
         await self._account(item, run, served, images_made, 200, started, model)
@@ -1096,8 +1127,8 @@ class BatchService:
             result = ChatResult(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
                                 outcome.completion_tokens)
             answer = completion_body(completion_id(), chat.model, result)
-            await asyncio.to_thread(self._finish, item.id, state=DONE, status_code=200,
-                                    response=answer, request_id="req_" + uuid.uuid4().hex)
+            await self._stored(self._finish, item.id, state=DONE, status_code=200,
+                               response=answer, request_id="req_" + uuid.uuid4().hex)
             return served, 0, chat.model
         image_job: ImageJob
         if item.url == GENERATIONS:
@@ -1114,7 +1145,7 @@ class BatchService:
         await self._check_owner(item, run, image_job.n, dispatcher.cost_ceiling(image_job))
         images, served = await dispatcher.images(image_job, ITEM_DEADLINE_S, bulk=True,
                                                  before_send=before_send)
-        await asyncio.to_thread(self._store_images, item.id, image_job, images)
+        await self._stored(self._store_images, item.id, image_job, images)
         return served, len(images), gen.model or "auto"
 
     async def _account(self, item: _Claimed, run: _Run, served: Served | None, images: int,

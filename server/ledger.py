@@ -10,10 +10,12 @@ same thing on every backend; what comes back out is always timezone-aware UTC.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -39,7 +41,10 @@ from server import db
 from server.db import is_memory_sqlite, open_engine
 
 Q = TypeVar("Q", bound="Select[*tuple[Any, ...]]")  # any SELECT, its columns kept
+log = logging.getLogger(__name__)
 LOCAL_ROUTE = "local"
+# Rows held in memory while the database refuses writes (a full disk): about 1 KB each.
+MAX_HELD = 100_000
 TOTAL_BUDGET = "total"
 GROUPS = ("route", "model", "day", "endpoint", "key")
 # Floating-point slack when comparing money against a limit: 0.1 + 0.2 spent of a 0.3
@@ -174,6 +179,10 @@ class Ledger:
         self._write_lock = threading.Lock()
         self.engine: Engine = open_engine(url)
         db.upgrade(self.engine)
+        self._held: deque[UsageRow] = deque()
+        self._held_lock = threading.Lock()
+        self.dropped = 0  # held rows given up (beyond MAX_HELD): logged, counted
+        self.write_error: str | None = None  # the last write's failure, until one succeeds
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -202,6 +211,48 @@ class Ledger:
             s.add(rec)
             s.flush()
             return rec.id
+
+    def record_or_hold(self, row: UsageRow) -> bool:
+        """Write the row; when the database refuses (a full disk), hold it to write later
+        (``flush_held``) rather than fail the request it accounts for: finished work is
+        delivered whether or not its bookkeeping could be written at once."""
+        if self._held:
+            self.flush_held()
+        try:
+            self.record(row)
+        except Exception as exc:
+            self._hold(replace(row, at=row.at or datetime.now(UTC)), exc)
+            return False
+        self.write_error = None
+        return True
+
+    def flush_held(self) -> int:
+        """Write held rows, oldest first, until one fails; returns how many remain."""
+        with self._held_lock:
+            while self._held:
+                try:
+                    self.record(self._held[0])
+                except Exception as exc:
+                    self.write_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    break
+                self._held.popleft()
+            else:
+                self.write_error = None
+            return len(self._held)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def _hold(self, row: UsageRow, exc: Exception) -> None:
+        with self._held_lock:
+            if len(self._held) >= MAX_HELD:
+                self._held.popleft()
+                self.dropped += 1
+            self._held.append(row)
+            self.write_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        log.error("ledger: could not write a row (%s); %d rows held to write later",
+                  self.write_error, len(self._held))
 
     # -- reads ----------------------------------------------------------------------------
 

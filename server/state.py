@@ -17,6 +17,7 @@ from server.metrics import Metrics
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 from server.quotas import Quotas
+from server.storage import free_bytes
 
 if TYPE_CHECKING:
     from server.dashboard_reads import DashboardReads
@@ -52,6 +53,21 @@ class AppState:
             return False
         return ((self.images is not None or not self.images_enabled)
                 and (self.chat is not None or not self.chat_enabled))
+
+    def storage_problem(self) -> str | None:
+        """What /readyz says is wrong with storage: ledger rows that could not be written
+        (held in memory until they can), or too little free space. Unauthenticated, so
+        no paths and no database text."""
+        ledger = self.dispatcher.ledger if self.dispatcher is not None else None
+        if ledger is not None and ledger.write_error is not None:
+            return (f"the ledger cannot be written; {ledger.held} rows are held in memory "
+                    "until it can")
+        if self.batches is not None:
+            free = free_bytes(self.batches.files_dir)
+            if free is not None and free < self.settings.storage_min_free_mb * 2**20:
+                return (f"{free // 2**20} MiB free where batch files are stored, below "
+                        f"storage_min_free_mb ({self.settings.storage_min_free_mb})")
+        return None
 
     def not_ready(self) -> APIError:
         message = ("The model is still loading." if self.load_error is None

@@ -27,6 +27,10 @@ async def readyz(state: State) -> JSONResponse:
         status = "failed" if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
     models = [m.model_id for m in (state.images, state.chat) if m is not None]
+    problem = state.storage_problem()
+    if problem is not None:  # serving, but a balancer should send new work elsewhere
+        return JSONResponse({"status": "storage", "detail": problem, "models": models},
+                            status_code=503, headers={"Retry-After": "30"})
     return JSONResponse({"status": "ready", "models": models})
 
 
