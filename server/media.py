@@ -357,15 +357,24 @@ def _refusal_reason(addr: IPAddress, allowed: tuple[IPNetwork, ...]) -> str | No
     return None
 
 
+def _host_refused(target: _Target, param: str, detail: str) -> APIError:
+    """One answer for a host name that does not resolve and one that resolves somewhere
+    private: telling them apart would let a client map the internal DNS. The operator
+    still sees which it was (logged at INFO, without the client's key)."""
+    log.info("image fetch refused: %r %s", target.host[:_SHOW_CHARS], detail)
+    return _refuse(param, f"the host {_show(target.host)} does not resolve to a public "
+                   "address; images are only fetched from public addresses.",
+                   "image_url_refused")
+
+
 async def _resolve_checked(target: _Target, media: MediaSettings,
                            param: str) -> list[IPAddress]:
     """Resolve the host once; every address must be fetchable, or the URL is refused."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise _refuse(param, f"the host {_show(target.host)} could not be resolved.",
-                      "image_fetch_failed") from None
+    except (OSError, UnicodeError) as exc:
+        raise _host_refused(target, param, f"could not be resolved ({exc})") from None
     addresses: list[IPAddress] = []
     for *_, sockaddr in infos:
         # A link-local IPv6 result may carry a zone ("fe80::1%eth0"); the zone is not
@@ -374,18 +383,17 @@ async def _resolve_checked(target: _Target, media: MediaSettings,
         if addr not in addresses:
             addresses.append(addr)
     if not addresses:
-        raise _refuse(param, f"the host {_show(target.host)} could not be resolved.",
-                      "image_fetch_failed")
+        raise _host_refused(target, param, "resolved to no address")
     allowed = _allowed_networks(tuple(media.allow_networks))
     for addr in addresses:
         reason = _refusal_reason(addr, allowed)
-        if reason is not None:
-            # Name the address only when the user wrote it: resolving internal names for
-            # a client would make this a DNS oracle.
-            literal = _is_ip_literal(target.host)
-            where = f"{addr} is" if literal else f"the host {_show(target.host)} resolves to"
-            raise _refuse(param, f"{where} {reason}; images are only fetched from public "
-                          "addresses.", "image_url_refused")
+        if reason is None:
+            continue
+        if not _is_ip_literal(target.host):
+            raise _host_refused(target, param, f"resolves to {addr}, {reason}")
+        # The client wrote the address itself: naming why it is refused tells it nothing.
+        raise _refuse(param, f"{addr} is {reason}; images are only fetched from public "
+                      "addresses.", "image_url_refused")
     return addresses
 
 

@@ -53,6 +53,20 @@ def endpoint_of(scope: Scope) -> str:
     return UNMATCHED
 
 
+# What a client may choose as its request id: enough for UUIDs, ULIDs, trace ids and our
+# own "req_<hex>", and nothing a log format could read as structure (spaces, '=', quotes,
+# control characters, newlines).
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+-]{1,128}")
+
+
+def request_id_of(given: bytes | None) -> str:
+    """The client's ``x-request-id`` when it is a safe token, else a fresh one: the id goes
+    into every access-log line (text ``key=value`` and JSON), the ledger and the reply."""
+    if given is not None and _CLIENT_REQUEST_ID.fullmatch(given):
+        return given.decode("ascii")
+    return f"req_{uuid.uuid4().hex}"
+
+
 class RequestContext:
     """Echo or mint ``x-request-id``; refuse bodies over ``max_body`` bytes with a 413;
     count the request and log it when its response ends."""
@@ -66,8 +80,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
-        request_id = given or f"req_{uuid.uuid4().hex}"
+        request_id = request_id_of(headers.get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
         end = _End(scope, request_id)
 

@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 
 from pipelines.registry import MODEL_ID
 from server import media, safejson
+from server.auth import caller_of
 from server.dispatch import Served
 from server.errors import APIError, bad_request, model_not_found
 from server.job import ImageJob
@@ -78,11 +79,13 @@ async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) 
 
 def _respond(request: Request, state: AppState, job: ImageJob, images: list[OutImage],
              served: Served) -> Response:
+    owner = caller_of(request).owner
     data: list[dict[str, Any]] = []
     for image in images:
         entry: dict[str, Any] = {"revised_prompt": None, "seed": image.seed}
         if job.response_format == "url":
-            image_id, _ = state.store.put(image.data, image.media_type)
+            # Whose share of the store it takes: one key's burst evicts its own images.
+            image_id, _ = state.store.put(image.data, image.media_type, owner)
             base = state.settings.public_url or str(request.base_url)
             entry["url"] = f"{base.rstrip('/')}/v1/images/{image_id}"
         else:

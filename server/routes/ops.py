@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.auth import authenticate
+from server.auth import authenticate, caller_of
 from server.errors import google_client, model_not_found
 from server.metrics import CONTENT_TYPE_LATEST
 from server.routes import gemini
@@ -46,37 +46,41 @@ async def list_models(request: Request, state: State) -> dict[str, Any]:
     """The OpenAI model list; the google-genai SDK (3.x calls /v1) gets Gemini's."""
     if google_client(request.headers):
         return {"models": gemini.gemini_models(state)}
-    return {"object": "list", "data": _openai_models(state)}
+    return {"object": "list", "data": _openai_models(state, caller_of(request).admin)}
 
 
 @router.get("/v1/models/{model}", dependencies=[Depends(authenticate)])
 async def get_model(model: str, request: Request, state: State) -> dict[str, Any]:
     if google_client(request.headers):
         return gemini.gemini_model(state, model)
-    for entry in _openai_models(state):
+    for entry in _openai_models(state, caller_of(request).admin):
         if entry["id"] == model:
             return entry
     raise model_not_found(model)
 
 
-def _openai_models(state: AppState) -> list[dict[str, Any]]:
+def _openai_models(state: AppState, admin: bool) -> list[dict[str, Any]]:
+    """Where the weights live on disk is the operator's business: the admin key sees the
+    path, a team's key (or anyone, on an open server) only which weights they are."""
     data = []
     for local in (state.images, state.chat):
         if local is None:
             continue
         snap = local.batcher.snapshot()
+        about: dict[str, Any] = {
+            "weights": local.weights.label,
+            "source": local.weights.source,
+            "engine": local.description,
+            "queued": snap.queued,
+            "items_per_s": snap.items_per_s,
+        }
+        if admin:
+            about["path"] = str(local.weights.path)
         data.append({
             "id": local.model_id,
             "object": "model",
             "created": int(local.weights.path.stat().st_mtime),
             "owned_by": "spillway",
-            "spillway": {
-                "weights": local.weights.label,
-                "source": local.weights.source,
-                "path": str(local.weights.path),
-                "engine": local.description,
-                "queued": snap.queued,
-                "items_per_s": snap.items_per_s,
-            },
+            "spillway": about,
         })
     return data

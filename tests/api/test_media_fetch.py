@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import shutil
 import socket
@@ -345,8 +346,23 @@ def test_connection_refused_is_a_fetch_failure() -> None:
     assert refused(f"http://{PUBLIC}:{port}/x.png").code == "image_fetch_failed"
 
 
-def test_unresolvable_host_is_a_fetch_failure() -> None:
-    assert refused("http://no-such-host.invalid/x.png").code == "image_fetch_failed"
+def test_private_and_unresolvable_hosts_read_the_same(canary: Server,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Otherwise the refusal is a DNS oracle: a client could tell which internal names
+    exist ("resolves to a private address") from which do not ("could not be resolved").
+    The operator's log still tells them apart."""
+    with caplog.at_level(logging.INFO, logger="server.media"):
+        private = refused(f"http://localhost:{canary.port}/x.png")
+        missing = refused(f"http://no-such-host.invalid:{canary.port}/x.png")
+    assert private.code == missing.code == "image_url_refused"
+    assert private.message.replace("localhost", "HOST") == missing.message.replace(
+        "no-such-host.invalid", "HOST")
+    assert "loopback" not in private.message and "resolved" not in missing.message.replace(
+        "does not resolve", "")
+    logged = [r.getMessage() for r in caplog.records if r.name == "server.media"]
+    assert any("localhost" in m and "loopback" in m for m in logged), logged
+    assert any("no-such-host.invalid" in m and "could not be resolved" in m for m in logged)
+    assert canary.connections == 0
 
 
 # --- caps: bytes and time -------------------------------------------------------------------

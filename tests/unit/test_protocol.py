@@ -82,3 +82,16 @@ def test_image_store_expires_and_caps_bytes() -> None:
     assert store.get(a) is None and store.get(b) is not None and store.get(c) is not None
     now[0] += 61
     assert store.get(b) is None and store.get(c) is None
+
+
+def test_image_store_evicts_from_the_largest_holder() -> None:
+    store = ImageStore(ttl_s=60, max_bytes=10, clock=lambda: 0.0)
+    a1, _ = store.put(b"aaa", "image/png", "key:a")
+    burst = [store.put(b"bb", "image/png", "key:b")[0] for _ in range(6)]
+    # 3 + 12 bytes: b holds the most, so b's oldest go until the store fits
+    assert store.get(a1) is not None
+    assert [store.get(i) is not None for i in burst] == [False] * 3 + [True] * 3
+    # a holding the most pays next, however long ago it stored
+    a2, _ = store.put(b"aaaa", "image/png", "key:a")
+    assert store.get(a1) is None and store.get(a2) is not None
+    assert sum(store.get(i) is not None for i in burst) == 3
