@@ -88,6 +88,10 @@ def open_engine(url: str, synchronous: str = "NORMAL") -> Engine:
         cur = dbapi_conn.cursor()
         try:
             if not memory:
+                # A new database gives freed pages back to the disk on request (batch
+                # images move out of it into output files); an old one is converted
+                # once by BatchService's reclaim. Must precede the first table.
+                cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=10000")

@@ -125,6 +125,8 @@ POLL_S = 1.0
 LEASE_STALE_S = 30.0
 HEARTBEAT_S = 5.0
 MAX_BATCH_ERRORS = 1000  # entries kept in a failed batch's `errors`
+# Free pages worth one VACUUM of a database made without auto_vacuum: a MiB, and half of it.
+RECLAIM_BYTES = 2**20
 TRANSIENT = frozenset({429, 503})
 UNKNOWN = "upstream_outcome_unknown"
 
@@ -1289,6 +1291,40 @@ class BatchService:
                       .values(response=None).execution_options(synchronize_session=False))
             s.commit()
         log.info("batch %s %s: %d answers, %d errors", batch_id, final, n_out, n_err)
+        try:
+            self._reclaim()
+        except Exception as exc:  # space is given back at the next batch instead
+            log.warning("batch worker: could not reclaim database space: %s", exc)
+
+    def _reclaim(self) -> None:
+        """Give back to the disk the pages the batch's answers took (they are in its output
+        file now), so the database shrinks instead of only growing. A database made before
+        auto_vacuum was set is converted by one VACUUM, once its free pages are worth it."""
+        if self.engine.dialect.name != "sqlite" or self._memory:
+            return
+        with self._lock, self.engine.connect() as conn:
+            auto = conn.exec_driver_sql("PRAGMA auto_vacuum").scalar()
+            free = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+            pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar() or 0)
+            size = int(conn.exec_driver_sql("PRAGMA page_size").scalar() or 4096)
+            if auto == 2:  # incremental
+                conn.commit()
+                # sqlite3's execute() steps a statement once, and each step of this pragma
+                # frees one page; executescript() runs it to the end.
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                raw.executescript("PRAGMA incremental_vacuum;")
+            elif free * size > RECLAIM_BYTES and 2 * free > pages:
+                log.info("batch worker: converting the database to auto_vacuum (%d MiB free "
+                         "pages)", free * size // 2**20)
+                conn.commit()
+                auto_conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                auto_conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+                auto_conn.exec_driver_sql("VACUUM")
+            else:
+                return
+            # WAL mode: the main file shrinks at a checkpoint; the log is truncated too.
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     # -- reading files ----------------------------------------------------------------------
 
