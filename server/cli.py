@@ -62,10 +62,14 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
             app_.state.spillway.shutting_down = True
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
+    from server.http_server import uvicorn_limits
+
     config = uvicorn.Config(app_, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(),
                             access_log=False,  # ours has the route, cost and key name
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                            # request heads bounded in size and time (server/http_server.py)
+                            **uvicorn_limits(settings))
     # After uvicorn.Config, which sets up uvicorn's own handlers: every handler gets it.
     redact.install(redact.RedactingFilter(redact.Redactor(redact.settings_secrets(settings))))
     Server(config).run()

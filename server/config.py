@@ -173,6 +173,16 @@ class Settings(BaseSettings):
         None, ge=1, description="torch threads when running on the CPU; default: all cores "
         "but one, which is left to the HTTP side")
     max_body_mb: float = Field(25.0, gt=0)
+    # A client must not hold a connection (or its memory) with a request that never ends:
+    # server/http_server.py bounds the head, server/middleware.py the body.
+    max_header_kb: int = Field(64, ge=1, description="request line and headers; more: 431")
+    header_timeout_s: float = Field(
+        20.0, gt=0, description="time for the request line and headers to arrive; then 408")
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="a request body that stalls this long gets a 408, and so "
+        "does one slower than body_min_bytes_per_s after its first body_timeout_s")
+    body_min_bytes_per_s: float = Field(
+        1024.0, gt=0, description="slowest average upload rate accepted (bytes per second)")
     public_url: str | None = Field(
         None, description="base for `url` responses; default: the request's")
     log_level: str = "info"

@@ -3,10 +3,12 @@ at the end of every response its metrics and its access-log line."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -67,9 +69,46 @@ def request_id_of(given: bytes | None) -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
+@dataclass(frozen=True)
+class BodyPace:
+    """How slowly a request body may arrive (Settings.body_timeout_s and
+    body_min_bytes_per_s): a client that sends slower holds a connection and its buffers
+    for nothing."""
+
+    timeout_s: float
+    min_bytes_per_s: float
+
+    @staticmethod
+    def of(scope: Scope) -> BodyPace | None:
+        """The app's settings, read per request (the middleware is built before them)."""
+        app_state = getattr(getattr(scope.get("app"), "state", None), "spillway", None)
+        settings = getattr(app_state, "settings", None)
+        if settings is None:
+            return None
+        return BodyPace(settings.body_timeout_s, settings.body_min_bytes_per_s)
+
+    def deadline(self, started: float, last: float, received: int) -> float:
+        """When the next part of the body must have come: ``timeout_s`` after the last
+        one, and on average ``min_bytes_per_s`` once the first ``timeout_s`` are over, so
+        a trickle of a byte every few seconds, which never stalls, is refused too."""
+        return min(last + self.timeout_s,
+                   started + self.timeout_s + received / self.min_bytes_per_s)
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+
+
+def _too_slow(pace: BodyPace) -> APIError:
+    return APIError(408, f"The request body arrived too slowly (a pause over "
+                    f"{pace.timeout_s:g} s, or under {pace.min_bytes_per_s:g} bytes/s).",
+                    code="request_timeout")
+
+
 class RequestContext:
-    """Echo or mint ``x-request-id``; refuse bodies over ``max_body`` bytes with a 413;
-    count the request and log it when its response ends."""
+    """Echo or mint ``x-request-id``; refuse bodies over ``max_body`` bytes with a 413
+    and bodies that arrive too slowly (``BodyPace``) with a 408; count the request and
+    log it when its response ends."""
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
@@ -83,20 +122,47 @@ class RequestContext:
         request_id = request_id_of(headers.get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
         end = _End(scope, request_id)
+        pace = BodyPace.of(scope)
+        body_left = _has_body(headers)  # a body is coming and not all of it is here
+        seen, last = 0, end.started
+        timed_out = False  # our 408 went out: what the app answers after it is dropped
 
         async def send_with_id(message: Message) -> None:
+            if timed_out:
+                return
             if message["type"] == "http.response.start":
                 end.status = message["status"]
                 message.setdefault("headers", [])
                 for name, value in message["headers"]:
                     if name.lower() == b"x-spillway-route":
                         end.route_header = value.decode("latin-1")
-                message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode("latin-1"))]
+                extra = [(b"x-request-id", request_id.encode("latin-1"))]
+                if body_left and all(n.lower() != b"connection" for n, _ in message["headers"]):
+                    # Answered before the body was read to its end (a 401, a 413): close,
+                    # or the client could keep the connection by never finishing it.
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message["headers"], *extra]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 # Before the last byte leaves: no client sees a response before its metrics.
                 end.finish()
             await send(message)
+
+        async def paced_receive() -> Message:
+            nonlocal timed_out
+            if not body_left or pace is None or timed_out:
+                return await receive()  # after the body: waiting for a disconnect is fine
+            wait = pace.deadline(end.started, last, seen) - time.monotonic()
+            try:
+                return await asyncio.wait_for(receive(), max(0.0, wait))
+            except TimeoutError:
+                log.info("request %s: %s", request_id, _too_slow(pace).message)
+                if end.status is None:
+                    response = error_response(_too_slow(pace), scope.get("path", ""))
+                    response.headers["connection"] = "close"
+                    await response(scope, receive, send_with_id)
+                    timed_out = True
+                # To the app the client is gone: it stops reading and answers no one.
+                return {"type": "http.disconnect"}
 
         try:
             length = headers.get(b"content-length")
@@ -105,15 +171,15 @@ class RequestContext:
                     scope, receive, send_with_id)
                 return
 
-            seen = 0
-
             async def counted_receive() -> Message:
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, last, body_left
+                message = await paced_receive()
                 if message["type"] == "http.disconnect":
-                    end.disconnected = True
+                    end.disconnected = end.disconnected or not timed_out
                 elif message["type"] == "http.request":
                     seen += len(message.get("body", b""))
+                    last = time.monotonic()
+                    body_left = body_left and bool(message.get("more_body"))
                     if seen > self.max_body:
                         # FastAPI re-raises HTTPException from body parsing; anything else
                         # would become a 400. The error handler gives it the OpenAI shape.
