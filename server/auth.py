@@ -99,6 +99,10 @@ async def reserve_quota(state: AppState, caller: Caller, images: int = 0,
         return await asyncio.to_thread(quotas.reserve, info.owner,
                                        Limits(info.daily_images, info.daily_usd), images, usd)
     except QuotaExceeded as exc:
+        if exc.what == "busy":
+            raise APIError(503, "The key's quota counter is too busy; retry.",
+                           type="server_error", code="quota_busy",
+                           headers={"Retry-After": "1"}) from None
         if exc.what == "images":
             message = (f"The key {info.name!r} has used {int(exc.used)} of its "
                        f"{int(exc.limit)} images today; this request needs {images}.")

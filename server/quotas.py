@@ -2,11 +2,11 @@
 
 A check ("used so far + this request <= quota") followed later by the work lets twenty
 concurrent requests of a 5-image key all pass the check. Here a request *reserves* its
-images (and the most it could cost) with one conditional UPDATE of the key's counter for
-the UTC day, which the database applies atomically, so concurrent requests, batch items
-and several server processes on one database cannot pass the quota together. When the
-request ends, the reservation is replaced by what was really used (nothing, for a
-failure).
+images (and the most it could cost, clamped to what is left) with a compare-and-set
+UPDATE of the key's counter for the UTC day, which the database applies atomically, so
+concurrent requests, batch items and several server processes on one database cannot
+pass the quota together. When the request ends, the reservation is replaced by what was
+really used (nothing, for a failure).
 
 The counter of a day starts from the ledger's sums for that day (a database upgraded in
 the middle of a day keeps what its keys used before). A process killed between reserve
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Float, Integer, String, and_, select, update
+from sqlalchemy import Float, Integer, String, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from server.ledger import Ledger
 
 _MONEY_EPS = 1e-9
+_MAX_TRIES = 50
 
 
 class _Base(DeclarativeBase):
@@ -59,7 +60,7 @@ class Reservation:
 class QuotaExceeded(Exception):
     def __init__(self, what: str, used: float, limit: float) -> None:
         super().__init__(f"{what}: {used} of {limit}")
-        self.what = what  # "images" or "usd"
+        self.what = what  # "images" or "usd" ("busy": the counter never settled)
         self.used = used
         self.limit = limit
 
@@ -74,31 +75,39 @@ class Quotas:
 
     def reserve(self, owner: str, limits: Limits, images: int, usd: float, *,
                 now: datetime | None = None) -> Reservation:
-        """Reserve ``images`` and ``usd`` of today's quota, or raise ``QuotaExceeded``.
-        The USD quota admits a request while less than the quota is spent and the
-        request's most possible cost still fits."""
+        """Reserve ``images`` and up to ``usd`` of today's quota, or raise
+        ``QuotaExceeded``. Images must fit whole. Money is admitted while less than the
+        quota is spent, and the reservation is the request's most possible cost clamped
+        to what is left: a request that would run alone is never refused for what it
+        *might* cost on a cloud (it may well run locally, for almost nothing), yet
+        requests in flight together can never reserve more than the quota."""
         day = _day(now)
         self._ensure_day(owner, day, now)
-        fits = []
-        if limits.images is not None:
-            fits.append(QuotaDay.images + images <= limits.images)
-        if limits.usd is not None:
-            fits.append(and_(QuotaDay.usd < limits.usd - _MONEY_EPS,
-                             QuotaDay.usd + usd <= limits.usd + _MONEY_EPS))
-        with self.ledger.writing() as s:
-            res = s.execute(update(QuotaDay)
-                            .where(QuotaDay.owner == owner, QuotaDay.day == day, *fits)
-                            .values(images=QuotaDay.images + images, usd=QuotaDay.usd + usd)
-                            .execution_options(synchronize_session=False))
-            if _rowcount(res) == 1:
-                return Reservation(owner, day, images, usd)
-            used_images, used_usd = s.execute(
-                select(QuotaDay.images, QuotaDay.usd)
-                .where(QuotaDay.owner == owner, QuotaDay.day == day)).one()
-        if limits.images is not None and used_images + images > limits.images:
-            raise QuotaExceeded("images", used_images, limits.images)
-        assert limits.usd is not None
-        raise QuotaExceeded("usd", used_usd, limits.usd)
+        # Compare-and-set on the counter row: read it, decide, write only if it is still
+        # what was read. One UPDATE either way, atomic on SQLite and PostgreSQL alike;
+        # a lost race re-reads.
+        for _ in range(_MAX_TRIES):
+            with self.ledger.writing() as s:
+                used_images, used_usd = s.execute(
+                    select(QuotaDay.images, QuotaDay.usd)
+                    .where(QuotaDay.owner == owner, QuotaDay.day == day)).one()
+                if limits.images is not None and used_images + images > limits.images:
+                    raise QuotaExceeded("images", used_images, limits.images)
+                money = usd
+                if limits.usd is not None:
+                    left = limits.usd - used_usd
+                    if left <= _MONEY_EPS:
+                        raise QuotaExceeded("usd", used_usd, limits.usd)
+                    money = min(usd, left)
+                res = s.execute(update(QuotaDay)
+                                .where(QuotaDay.owner == owner, QuotaDay.day == day,
+                                       QuotaDay.images == used_images,
+                                       QuotaDay.usd == used_usd)
+                                .values(images=used_images + images, usd=used_usd + money)
+                                .execution_options(synchronize_session=False))
+                if _rowcount(res) == 1:
+                    return Reservation(owner, day, images, money)
+        raise QuotaExceeded("busy", 0, 0)  # never seen: 50 lost races in a row
 
     def settle(self, r: Reservation, images: int, usd: float) -> None:
         """Replace the reservation with what the request really used."""

@@ -128,3 +128,19 @@ def test_a_batch_cannot_pass_its_keys_quota(tiny_weights: Path, tmp_path: Path) 
     assert {e["response"]["body"]["error"]["code"] for e in errors} == {"insufficient_quota"}
     images = sum(r.images for r in Ledger(url).rows() if r.key_name == "five")
     assert images == 5
+
+
+def test_a_usd_quota_does_not_refuse_local_work_for_what_a_cloud_might_cost(
+        tiny_weights: Path, tmp_path: Path) -> None:
+    from server.config import OpenAISettings
+
+    url = f"sqlite:///{tmp_path}/l.db"
+    key = KeyStore(Ledger(url)).create("cents", daily_usd=0.005)
+    # A cloud is configured (a closed port: nothing here is sent to it), so a request's
+    # most possible cost is gpt-image-1's, above the whole quota; it runs locally.
+    settings = Settings(weights_dir=tiny_weights, ledger_url=url,
+                        openai=OpenAISettings(api_key=SecretStr("sk-unused-for-this-test"),
+                                              base_url="http://127.0.0.1:9/v1"))
+    with serve(create_app(settings, chat_loader=None)) as base:
+        r = sdk(base, key).images.with_raw_response.generate(prompt="x", size="256x256")
+        assert r.headers["x-spillway-route"] == "local" and len(r.parse().data) == 1

@@ -43,13 +43,18 @@ def test_what_was_not_used_is_given_back(quotas: Quotas) -> None:
     assert quotas.used("key:2", now=NOW) == (0, 0.0)  # another key: its own counter
 
 
-def test_usd_reserves_the_most_a_request_could_cost(quotas: Quotas) -> None:
+def test_usd_reserves_the_most_a_request_could_cost_up_to_what_is_left(
+        quotas: Quotas) -> None:
     limits = Limits(None, 1.0)
-    r = quotas.reserve("key:1", limits, 0, 0.6, now=NOW)
-    with pytest.raises(QuotaExceeded) as over:
-        quotas.reserve("key:1", limits, 0, 0.6, now=NOW)  # 1.2 could be spent
+    first = quotas.reserve("key:1", limits, 0, 0.6, now=NOW)
+    second = quotas.reserve("key:1", limits, 0, 0.6, now=NOW)  # admitted, for what is left
+    assert (first.usd, second.usd) == (0.6, pytest.approx(0.4))
+    with pytest.raises(QuotaExceeded) as over:  # in flight together they hold it all
+        quotas.reserve("key:1", limits, 0, 0.01, now=NOW)
     assert over.value.what == "usd"
-    quotas.settle(r, 0, 0.05)  # it cost far less than it might have
+    quotas.settle(first, 0, 0.05)  # it cost far less than it might have
+    quotas.settle(second, 0, 0.0)
+    assert quotas.used("key:1", now=NOW) == (0, pytest.approx(0.05))
     quotas.reserve("key:1", limits, 0, 0.6, now=NOW)
 
 
