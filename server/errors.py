@@ -85,7 +85,9 @@ def insufficient_storage() -> APIError:
     return APIError(507, "The server's storage is full, so this request could not be "
                     "stored; nothing of it was kept. Retry once the operator has freed "
                     "space.", type="server_error", code="insufficient_storage",
-                    headers={"Retry-After": "30"})
+                    # The openai SDK would otherwise retry a 5xx at once, twice, into the
+                    # same full disk: the client hears it now and decides.
+                    headers={"x-should-retry": "false"})
 
 
 def server_error(message: str = "The server failed to process this request.") -> APIError:

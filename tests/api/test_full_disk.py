@@ -86,6 +86,7 @@ def test_a_full_disk_loses_nothing(tiny_weights: Path, small_disk: Path) -> None
         r = httpx.post(f"{base}/v1/files", files={"file": ("in.jsonl", jsonl(
             [gen_line("a", "x")]))}, data={"purpose": "batch"})
         assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
+        assert r.headers["x-should-retry"] == "false"  # no SDK retries into a full disk
         # 3. Deleting a file works, and gives the space back.
         free = os.statvfs(small_disk).f_bavail
         assert c.files.delete(big.id).deleted
