@@ -25,6 +25,7 @@ from server.jobs import BatchService
 from server.keys import KeyStore
 from server.ledger import Ledger
 from server.metrics import Metrics
+from server.pixel_budget import PixelBudget
 from server.providers.base import CloudProvider
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
@@ -146,7 +147,9 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
     state = AppState(settings, ImageStore(settings.images.url_ttl_s,
                                           settings.images.url_store_mb * 2**20),
                      chat_enabled=settings.vlm.enabled and chat_loader is not None,
-                     images_enabled=loader is not None)
+                     images_enabled=loader is not None,
+                     pixels=PixelBudget(settings.media.max_decoding_pixels,
+                                        settings.media.decode_wait_s))
     state.metrics = Metrics.for_app(state)
 
     async def load(what: str, build: Callable[[Settings], LocalImages | LocalChat]) -> None:

@@ -49,6 +49,13 @@ class MediaSettings(BaseModel):
     fetch_timeout_s: float = Field(10.0, gt=0, description="whole fetch, redirects included")
     max_redirects: int = Field(3, ge=0)
     max_images_per_request: int = Field(8, ge=1)
+    # Eight images at max_pixels, in each of a few requests at once, are gigabytes:
+    # intake holds at most this many decoded pixels (4-8 bytes each while decoding) and an
+    # image waits its turn (server/pixel_budget.py).
+    max_decoding_pixels: int = Field(
+        120_000_000, ge=1, description="decoded pixels held at once, all requests together")
+    decode_wait_s: float = Field(
+        10.0, gt=0, description="how long an image waits for room to be decoded; then 429")
     allow_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs that image URLs may reach although private/loopback, e.g. 10.0.0.0/8")

@@ -10,7 +10,8 @@ connection goes to the address that was checked, never to the name again. Redire
 followed by hand and every hop gets the same treatment. Bytes and time are capped.
 
 Decoding is Pillow with a format allow-list and a pixel cap checked before any pixel is
-allocated (decompression bombs).
+allocated (decompression bombs), in a worker thread that also fits the image to its use,
+within the server's budget of pixels decoded at once (server/pixel_budget.py).
 """
 
 from __future__ import annotations
@@ -26,18 +27,23 @@ import re
 import socket
 import ssl
 import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 from PIL import Image, ImageOps
 
 from server.config import MediaSettings
 from server.errors import APIError
+from server.pixel_budget import PixelBudget
 
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Fit = Callable[[Image.Image], Image.Image]  # a decoded image -> what it is used at
+T = TypeVar("T")
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _FORMATS_TEXT = "PNG, JPEG, WEBP or GIF"
@@ -83,20 +89,62 @@ def _refuse(param: str, message: str, code: str) -> APIError:
 # public API
 
 
-async def load_image(ref: str, media: MediaSettings, *, param: str = "image_url") -> Image.Image:
-    """An RGB image from a data URL or an http(s) URL."""
+async def load_image(ref: str, media: MediaSettings, *, param: str = "image_url",
+                     budget: PixelBudget | None = None, fit: Fit | None = None
+                     ) -> Image.Image:
+    """An RGB image from a data URL or an http(s) URL: ``decode_image`` of its bytes."""
     scheme = _scheme_of(ref)
     if scheme == "data":
-        # base64 and Pillow are CPU work: keep them off the event loop.
-        return await asyncio.to_thread(_load_data_url, ref, media, param)
-    if scheme in ("http", "https"):
+        # base64 is CPU work too: off the event loop.
+        data = await asyncio.to_thread(decode_data_url, ref, media, param=param)
+    elif scheme in ("http", "https"):
         data = await fetch_url(ref, media, param=param)
-        return await asyncio.to_thread(decode_image_bytes, data, media, param=param)
-    if scheme is None:
+    elif scheme is None:
         raise _refuse(param, f"{_show(ref)} is not a URL; send an http(s) URL or a "
                       "data:image/...;base64 URL.", "invalid_image_url")
-    raise _refuse(param, f"the URL scheme {_show(scheme)} is not accepted; use http, https "
-                  "or data.", "invalid_image_url")
+    else:
+        raise _refuse(param, f"the URL scheme {_show(scheme)} is not accepted; use http, "
+                      "https or data.", "invalid_image_url")
+    return await decode_image(data, media, param=param, budget=budget, fit=fit)
+
+
+async def decode_image(data: bytes, media: MediaSettings, *, param: str = "image",
+                       budget: PixelBudget | None = None, fit: Fit | None = None
+                       ) -> Image.Image:
+    """Decode ``data`` and ``fit`` the result (scale it to what it is for) in one worker-
+    thread step, so the full-size pixels are dropped as soon as they are fitted; never on
+    the event loop. With a ``budget`` (the server's: ``AppState.pixels``) the step waits
+    until the image's pixels fit in what all requests may hold decoded at once."""
+    if budget is None:
+        return await asyncio.to_thread(decode_image_bytes, data, media, param=param, fit=fit)
+    width, height = await asyncio.to_thread(image_size, data, media, param=param)
+    return await budget.run(width * height, functools.partial(
+        decode_image_bytes, data, media, param=param, fit=fit), param=param)
+
+
+def image_size(data: bytes, media: MediaSettings, *, param: str = "image") -> tuple[int, int]:
+    """Width and height from the header alone, within the caps: what decoding will cost."""
+    _check_encoded(data, media, param)
+    try:
+        return _open_checked(data, media, param).size
+    except APIError:
+        raise
+    except Exception as exc:
+        log.debug("image header unreadable: %r", exc)
+        raise _refuse(param, "the image could not be decoded (truncated or corrupt).",
+                      "invalid_image") from None
+
+
+async def load_all(loads: Iterable[Awaitable[T]]) -> list[T]:
+    """All of a request's images, or its first refusal; then the rest stop waiting for
+    (and holding a place in) the pixel budget at once."""
+    tasks = [asyncio.ensure_future(load) for load in loads]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def check_count(count: int, media: MediaSettings, *, param: str) -> None:
@@ -107,9 +155,35 @@ def check_count(count: int, media: MediaSettings, *, param: str) -> None:
                        param=param, code="too_many_images")
 
 
-def decode_image_bytes(data: bytes, media: MediaSettings, *,
-                       param: str = "image") -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, WEBP, GIF first frame) to RGB, within the caps."""
+def decode_image_bytes(data: bytes, media: MediaSettings, *, param: str = "image",
+                       fit: Fit | None = None) -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, WEBP, GIF first frame) to RGB, within the caps,
+    then ``fit`` it. Blocking: call it from a worker thread (``decode_image``)."""
+    sniffed = _check_encoded(data, media, param)
+    try:
+        image = _open_checked(data, media, param)
+        # Pillow reports malformed files with many exception types (OSError, SyntaxError,
+        # ValueError, struct.error, zlib.error, ...); any of them means "bad image", not a
+        # server fault. APIError (our own pixel refusal) passes through untouched.
+        image.load()
+        # In place, and no convert() of what is RGB already: each copy of a 40M-pixel
+        # image is 120 MB more at the peak.
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except APIError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _refuse(param, "the image has too many pixels.", "image_too_large") from None
+    except Exception as exc:
+        log.debug("image decode failed: %r", exc)
+        raise _refuse(param, f"the {sniffed} image could not be decoded (truncated or "
+                      "corrupt).", "invalid_image") from None
+    return image if fit is None else fit(image)
+
+
+def _check_encoded(data: bytes, media: MediaSettings, param: str) -> str:
+    """The caps on the encoded bytes; returns the format they are."""
     if len(data) > media.max_bytes:
         raise _refuse(param, f"the image is {len(data)} bytes; the limit is "
                       f"{media.max_bytes}.", "image_too_large")
@@ -120,22 +194,7 @@ def decode_image_bytes(data: bytes, media: MediaSettings, *,
         what = f"a {sniffed} file" if sniffed else "not a recognised image"
         raise _refuse(param, f"the data is {what}; only {_FORMATS_TEXT} images are "
                       "accepted.", "unsupported_image_format")
-    try:
-        image = _open_checked(data, media, param)
-        # Pillow reports malformed files with many exception types (OSError, SyntaxError,
-        # ValueError, struct.error, zlib.error, ...); any of them means "bad image", not a
-        # server fault. APIError (our own pixel refusal) passes through untouched.
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
-    except APIError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _refuse(param, "the image has too many pixels.", "image_too_large") from None
-    except Exception as exc:
-        log.debug("image decode failed: %r", exc)
-        raise _refuse(param, f"the {sniffed} image could not be decoded (truncated or "
-                      "corrupt).", "invalid_image") from None
+    return sniffed
 
 
 def decode_data_url(url: str, media: MediaSettings, *, param: str = "image_url") -> bytes:
@@ -199,10 +258,6 @@ def decode_base64(data: str, max_bytes: int, *, param: str) -> bytes:
 
 # ---------------------------------------------------------------------------------------
 # decoding helpers
-
-
-def _load_data_url(url: str, media: MediaSettings, param: str) -> Image.Image:
-    return decode_image_bytes(decode_data_url(url, media, param=param), media, param=param)
 
 
 def _sniff_format(data: bytes) -> str | None:

@@ -94,6 +94,12 @@ def edit_size(size: str | None, source: tuple[int, int], limits: ImageSettings
         min(limits.max_side, max(limits.min_side, round(side * scale / 8) * 8)) for side in (w, h))
 
 
+def fit_source(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An edit's source at the output size: cropped to its aspect, then resized. Pixel
+    work: call it in the decoding worker thread (media.decode_image's ``fit``)."""
+    return ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+
+
 def to_edit_job(req: ImageEditRequest, model: str, limits: ImageSettings,
                 sources: list[Image.Image]) -> ImageJob:
     """Sources are fitted (cropped to the aspect, then resized) to the output size."""
@@ -105,7 +111,9 @@ def to_edit_job(req: ImageEditRequest, model: str, limits: ImageSettings,
     if steps * strength < 1:
         raise bad_request(f"steps x strength = {steps} x {strength:g} is below 1, so no "
                           "denoising step would run; raise one of them.", param="strength")
-    fitted = [ImageOps.fit(im, (width, height), Image.Resampling.LANCZOS) for im in sources]
+    # Sources from intake (routes/images.py edit_sources) come fitted already.
+    fitted = [im if im.size == (width, height) else fit_source(im, (width, height))
+              for im in sources]
     return replace(base, width=width, height=height, steps=min(steps, 4), init_images=fitted,
                    strength=strength)
 

@@ -14,6 +14,7 @@ from server.errors import APIError
 from server.image_store import ImageStore
 from server.keys import KeyStore
 from server.metrics import Metrics
+from server.pixel_budget import PixelBudget
 from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 from server.quotas import Quotas
@@ -41,6 +42,9 @@ class AppState:
     batches: BatchService | None = None
     dashboard_reads: DashboardReads | None = None  # made on the first GET /v1/dashboard
     metrics: Metrics = field(default_factory=Metrics, repr=False)
+    # Decoded image pixels all requests hold at once (media.max_decoding_pixels); None
+    # bounds nothing, for code that runs without an app.
+    pixels: PixelBudget | None = None
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:

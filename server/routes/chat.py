@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -42,14 +42,18 @@ def check_chat_model(state: AppState, model: str) -> None:
 
 
 async def load_images(refs: list[ImageRef], state: AppState) -> list[Image.Image]:
+    """Each image decoded and scaled to its detail's pixels in one worker-thread step,
+    within the server's pixel budget (the full-size pixels never outlive that step)."""
     settings = state.settings
+    detail_pixels = settings.vlm.detail_pixels
 
-    async def one(ref: ImageRef) -> Image.Image:
-        image = await media.load_image(ref.url, settings.media, param=ref.param)
-        budget = settings.vlm.detail_pixels.get(ref.detail, settings.vlm.detail_pixels["auto"])
-        return fit_pixels(image, budget)
+    def fit_for(ref: ImageRef) -> media.Fit:
+        return functools.partial(fit_pixels, max_pixels=detail_pixels.get(
+            ref.detail, detail_pixels["auto"]))
 
-    return list(await asyncio.gather(*(one(ref) for ref in refs)))
+    return await media.load_all(
+        media.load_image(ref.url, settings.media, param=ref.param, budget=state.pixels,
+                         fit=fit_for(ref)) for ref in refs)
 
 
 async def chat_job_from(body: ChatRequest, state: AppState) -> ChatJob:

@@ -9,12 +9,10 @@ Google's shape (server/errors.py picks it by path); the key may come in ``x-goog
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from PIL import Image
 from pydantic import ValidationError
 
 from server import media
@@ -37,7 +35,7 @@ from server.router import cloud_of
 from server.routes.chat import check_chat_model, load_images
 from server.routes.chat_run import run_chat_job, stream_chat
 from server.routes.common import deadline_s
-from server.routes.images import check_image_model, json_body, run_image_job
+from server.routes.images import check_image_model, edit_sources, json_body, run_image_job
 from server.state import AppState, State
 
 router = APIRouter()
@@ -77,12 +75,11 @@ async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
               "response_format": "b64_json", "output_format": "png"}
     if ask.sources:  # image(s) in, image out: an edit of the first source(s)
         media.check_count(len(ask.sources), state.settings.media, param="contents")
-        sources: list[Image.Image] = list(await asyncio.gather(*(
-            media.load_image(ref.url, state.settings.media, param=ref.param)
-            for ref in ask.sources)))
         edit = _validated(ImageEditRequest, **fields,
                           size=size if cfg.aspect_ratio else "auto")
         assert isinstance(edit, ImageEditRequest)
+        sources = await edit_sources(state, edit, [(ref.url, ref.param)
+                                                   for ref in ask.sources])
         job = to_edit_job(edit, model, limits, sources)
     else:
         job = to_image_job(_validated(ImageGenerationRequest, **fields, size=size), model,

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import functools
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -22,7 +23,10 @@ from server.job import ImageJob
 from server.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
+    edit_size,
+    fit_source,
     images_response,
+    parse_size,
     to_edit_job,
     to_image_job,
 )
@@ -156,18 +160,40 @@ async def _edit_inputs(request: Request, state: AppState
     return req, sources
 
 
+async def edit_sources(state: AppState, req: ImageEditRequest,
+                       sources: list[tuple[bytes | str, str]]) -> list[Image.Image]:
+    """The images of an edit, (upload bytes or URL, param) each: decoded and fitted to the
+    output size in one worker-thread step, within the pixel budget. Unless ``size`` names
+    the output size, the first image's shape decides it, so that one goes first. Shared
+    with the Gemini API and batch lines."""
+    limits, media_settings = state.settings.images, state.settings.media
+
+    async def load(source: bytes | str, param: str, fit: media.Fit) -> Image.Image:
+        if isinstance(source, bytes):
+            return await media.decode_image(source, media_settings, param=param,
+                                            budget=state.pixels, fit=fit)
+        return await media.load_image(source, media_settings, param=param,
+                                      budget=state.pixels, fit=fit)
+
+    first: list[Image.Image] = []
+    rest = sources
+    if req.size in (None, "", "auto"):
+        (source, param), rest = sources[0], sources[1:]
+        first.append(await load(source, param, lambda im: fit_source(
+            im, edit_size(req.size, im.size, limits))))
+        size = first[0].size
+    else:
+        size = parse_size(req.size, limits)  # before any decoding: a bad size is cheap
+    fit = functools.partial(fit_source, size=size)
+    return first + await media.load_all(load(src, param, fit) for src, param in rest)
+
+
 @router.post("/v1/images/edits")
 async def edit_image(request: Request, state: State) -> Response:
     req, sources = await _edit_inputs(request, state)
     check_image_model(req.model)
-    media_settings = state.settings.media
-    images = []
-    for i, src in enumerate(sources):
-        param = "image" if len(sources) == 1 else f"image[{i}]"
-        if isinstance(src, bytes):
-            images.append(await asyncio.to_thread(media.decode_image_bytes, src,
-                                                  media_settings, param=param))
-        else:
-            images.append(await media.load_image(src, media_settings, param=f"images[{i}]"))
+    params = [("image" if len(sources) == 1 else f"image[{i}]") if isinstance(src, bytes)
+              else f"images[{i}]" for i, src in enumerate(sources)]
+    images = await edit_sources(state, req, list(zip(sources, params, strict=True)))
     job = to_edit_job(req, req.model or "auto", state.settings.images, images)
     return await _run(request, state, "/v1/images/edits", job)

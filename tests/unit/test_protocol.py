@@ -8,7 +8,13 @@ from pydantic import BaseModel, ValidationError
 from server.config import ImageSettings
 from server.errors import APIError
 from server.image_store import ImageStore
-from server.protocol import ImageGenerationRequest, parse_size, seeds_for, to_image_job
+from server.protocol import (
+    ImageGenerationRequest,
+    edit_size,
+    parse_size,
+    seeds_for,
+    to_image_job,
+)
 from server.protocol_chat import ChatRequest
 
 
@@ -95,3 +101,13 @@ def test_image_store_evicts_from_the_largest_holder() -> None:
     a2, _ = store.put(b"aaaa", "image/png", "key:a")
     assert store.get(a1) is None and store.get(a2) is not None
     assert sum(store.get(i) is not None for i in burst) == 3
+
+
+def test_edit_size_of_a_fitted_source_is_its_size() -> None:
+    """Edit sources arrive fitted to edit_size of their original; to_edit_job computes the
+    size again from the fitted one and must get the same (so nothing is resized twice)."""
+    limits = ImageSettings()
+    for w in range(8, 5000, 97):
+        for h in (8, 100, 257, 512, 1000, 1023, 4000, 9000):
+            fitted = edit_size(None, (w, h), limits)
+            assert edit_size(None, fitted, limits) == fitted, (w, h)
