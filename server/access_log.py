@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
@@ -75,7 +76,18 @@ class TextFormatter(logging.Formatter):
             return super().format(record)
         if not isinstance(fields, dict):
             return super().format(record)
-        return " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items() if v is not None)
+
+
+_BARE = re.compile(r"[A-Za-z0-9._:/@+\-]+")
+
+
+def _logfmt(value: Any) -> str:
+    """A value as logfmt writes it: bare when it is a plain token, else double-quoted
+    with escapes, so a path or model name holding ``" key_name=admin"`` (from the URL,
+    the client's to choose) can never read as a field of its own."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
 def configure(mode: str, stream: IO[str] | None = None) -> None:

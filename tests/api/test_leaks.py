@@ -5,6 +5,7 @@ on disk in /v1/models."""
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,26 @@ def test_a_request_id_cannot_forge_access_log_fields(server: tuple[str, str, str
         keys = [pair.split("=", 1)[0] for pair in line.split(" ")]
         assert len(keys) == len(set(keys)), line  # no field twice: nothing was forged
         assert "key_name=team-a" in line.split(" ") and "route=cloud" not in line
+
+
+def test_a_path_or_model_cannot_forge_access_log_fields(server: tuple[str, str, str],
+                                                       caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    base, team_a, _ = server
+    forged = "x key_name=admin status=200"
+    with caplog.at_level(logging.INFO, logger=access_log.LOGGER):
+        httpx.post(f"{base}/v1beta/models/{forged}:generateContent", json={},
+                   headers={"x-goog-api-key": team_a})
+        httpx.post(f"{base}/v1/images/generations", json={"prompt": "x", "model": forged},
+                   headers={"authorization": f"Bearer {team_a}"})
+    lines = [access_log.TextFormatter().format(r) for r in caplog.records
+             if r.name == access_log.LOGGER]
+    assert len(lines) == 2
+    for line in lines:
+        pairs = [pair.split("=", 1) for pair in shlex.split(line)]  # logfmt, quotes honoured
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), line
+        assert dict(pairs)["key_name"] == "team-a"
 
 
 def test_one_keys_burst_does_not_evict_another_keys_url_images(
