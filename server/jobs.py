@@ -96,7 +96,7 @@ from server.protocol_chat import (
 from server.providers.base import OutImage
 from server.quotas import Reservation
 from server.routes.chat import chat_job_from, check_chat_model
-from server.routes.images import check_image_model
+from server.routes.images import check_image_model, edit_sources
 from server.storage import is_transient_storage
 
 if TYPE_CHECKING:
@@ -1140,8 +1140,10 @@ class BatchService:
             fields = dict(body)
             refs = _edit_refs(fields.pop("images", None), settings.media)
             edit = ImageEditRequest.model_validate(fields)
-            sources = [await media.load_image(ref, settings.media, param=f"images[{i}]")
-                       for i, ref in enumerate(refs)]
+            # The intake the HTTP route uses: off the event loop, fitted, within the
+            # pixel budget (a 429 intake_busy here is retried like a full queue).
+            sources = await edit_sources(self.state, edit, [
+                (ref, f"images[{i}]") for i, ref in enumerate(refs)])
             image_job = to_edit_job(edit, edit.model or "auto", settings.images, sources)
             gen = edit
         await self._check_owner(item, run, image_job.n, dispatcher.cost_ceiling(image_job))
