@@ -99,7 +99,8 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not
                  429: "rate_limit_error"}
 
 
-_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_STATUS_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed",
+                 413: "request_too_large"}
 
 
 _GEMINI_PATH = re.compile(r"^/v1beta/|^/v1/models/[^/]+:\w+$")

@@ -361,3 +361,11 @@ def test_a_lone_surrogate_is_a_400_naming_its_field(client: httpx.Client) -> Non
     error = r.json()["error"]
     assert r.status_code == 400 and error["status"] == "INVALID_ARGUMENT", r.text
     assert "lone surrogate" in error["message"]
+
+
+def test_a_body_too_deep_for_the_json_parser_is_a_400_with_a_code(
+        client: httpx.Client) -> None:
+    deep = '{"prompt": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = client.post("/v1/images/generations", content=deep,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
