@@ -4,7 +4,9 @@ reserved (not checked) so concurrency cannot overshoot them. Through the openai 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -92,12 +94,18 @@ def test_auth_never_fails_open(tiny_weights: Path, tmp_path: Path) -> None:
             assert status(base, key, "/v1/models") == 401
 
 
-def test_concurrent_requests_cannot_pass_a_quota(tiny_weights: Path, tmp_path: Path) -> None:
+@contextmanager
+def five_image_key(tiny_weights: Path, tmp_path: Path) -> Iterator[tuple[openai.OpenAI, str]]:
+    """A server, and a client whose key may make five images a day; the ledger's URL."""
     url = f"sqlite:///{tmp_path}/l.db"
     key = KeyStore(Ledger(url)).create("five", daily_images=5)
     settings = Settings(weights_dir=tiny_weights, ledger_url=url)
     with serve(create_app(settings, chat_loader=None)) as base:
-        client = sdk(base, key)
+        yield sdk(base, key), url
+
+
+def test_concurrent_requests_cannot_pass_a_quota(tiny_weights: Path, tmp_path: Path) -> None:
+    with five_image_key(tiny_weights, tmp_path) as (client, url):
 
         def one(_: int) -> int:
             try:
@@ -116,11 +124,7 @@ def test_concurrent_requests_cannot_pass_a_quota(tiny_weights: Path, tmp_path: P
 
 
 def test_a_batch_cannot_pass_its_keys_quota(tiny_weights: Path, tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/l.db"
-    key = KeyStore(Ledger(url)).create("five", daily_images=5)
-    settings = Settings(weights_dir=tiny_weights, ledger_url=url)
-    with serve(create_app(settings, chat_loader=None)) as base:
-        client = sdk(base, key)
+    with five_image_key(tiny_weights, tmp_path) as (client, url):
         done = wait(client, submit(client, [gen_line(f"r{i}", f"p{i}")
                                             for i in range(20)]).id, timeout=120)
         out, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
