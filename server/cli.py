@@ -264,10 +264,13 @@ def keys_list() -> None:
     from server.ledger import Ledger
     from server.quotas import Quotas
 
-    ledger = Ledger(_settings().ledger_url)
+    settings = _settings()
+    ledger = Ledger(settings.ledger_url)
     rows, quotas = KeyStore(ledger).list(), Quotas(ledger)
     if not rows:
-        typer.echo("no keys: the server is open to anyone who can reach it")
+        typer.echo("no team keys: " + ("only the admin key (SPILLWAY_ADMIN_KEY) is accepted"
+                                       if settings.admin_key is not None else
+                                       "the server is open to anyone who can reach it"))
         return
     typer.echo(f"{'name':<20}{'key':<16}{'priority':<13}{'images today':>14}"
                f"{'usd today':>11}  status")
