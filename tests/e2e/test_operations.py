@@ -31,7 +31,9 @@ def test_keys_and_usage_commands(tmp_path: Path, tiny_weights: Path) -> None:
         return subprocess.run([SPILLWAY, *args], env=env, capture_output=True, text=True,
                               timeout=120)
 
-    assert "no keys" in run("keys", "list").stdout
+    assert "no team keys: the server is open" in run("keys", "list").stdout
+    reserved = run("keys", "create", "--name", "admin")
+    assert reserved.returncode != 0 and "reserved" in reserved.stderr
     made = run("keys", "create", "--name", "team-a", "--daily-images", "100")
     assert made.returncode == 0
     key = made.stdout.strip()
