@@ -16,6 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from server.errors import APIError, shutting_down
+
 log = logging.getLogger(__name__)
 
 
@@ -326,3 +328,17 @@ class Batcher(Generic[T, R]):
                                     tuple(started - p.enqueued for p in batch), ok))
         except Exception:  # an observer must never stop the device thread
             log.exception("%s: batch observer failed", self.name)
+
+
+def from_batch_failure(exc: BaseException, timeout_s: float, what: str) -> APIError:
+    """What a request sees when its item failed in the batcher or on the device."""
+    if isinstance(exc, Expired):
+        return APIError(503, f"The request waited longer than {timeout_s:g} s in the local "
+                        "queue.", type="server_error", code="queue_timeout",
+                        headers={"Retry-After": "1"})
+    if isinstance(exc, Closed):
+        return shutting_down()
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return APIError(500, f"The local {what} failed: {type(exc).__name__}"
+                    + (f": {detail}" if detail else ""), type="server_error",
+                    code="pipeline_error")

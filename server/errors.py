@@ -65,22 +65,6 @@ def shutting_down() -> APIError:
                     code="shutting_down")
 
 
-def from_batch_failure(exc: BaseException, timeout_s: float, what: str) -> APIError:
-    """What a request sees when its item failed in the batcher or on the device."""
-    from server.batcher import Closed, Expired
-
-    if isinstance(exc, Expired):
-        return APIError(503, f"The request waited longer than {timeout_s:g} s in the local "
-                        "queue.", type="server_error", code="queue_timeout",
-                        headers={"Retry-After": "1"})
-    if isinstance(exc, Closed):
-        return shutting_down()
-    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return APIError(500, f"The local {what} failed: {type(exc).__name__}"
-                    + (f": {detail}" if detail else ""), type="server_error",
-                    code="pipeline_error")
-
-
 def insufficient_storage() -> APIError:
     return APIError(507, "The server's storage is full, so this request could not be "
                     "stored; nothing of it was kept. Retry once the operator has freed "

@@ -12,8 +12,15 @@ from PIL import Image
 
 from pipelines.base import ImageItem
 from pipelines.registry import WeightsInfo
-from server.batcher import Batcher, BatchPolicy, Closed, QueueFull, timing_of
-from server.errors import from_batch_failure, queue_full, shutting_down
+from server.batcher import (
+    Batcher,
+    BatchPolicy,
+    Closed,
+    QueueFull,
+    from_batch_failure,
+    timing_of,
+)
+from server.errors import queue_full, shutting_down
 from server.job import ImageJob
 from server.providers.base import OutImage
 

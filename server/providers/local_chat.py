@@ -11,8 +11,16 @@ from typing import Any
 
 from pipelines.registry import WeightsInfo
 from pipelines.vlm import ChatItem, ChatResult
-from server.batcher import Batcher, BatchPolicy, Closed, QueueFull, Timing, timing_of
-from server.errors import from_batch_failure, queue_full, shutting_down
+from server.batcher import (
+    Batcher,
+    BatchPolicy,
+    Closed,
+    QueueFull,
+    Timing,
+    from_batch_failure,
+    timing_of,
+)
+from server.errors import queue_full, shutting_down
 
 
 @dataclass(frozen=True)
