@@ -14,10 +14,24 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from server.routes.common import Account
+    from server.dispatch import Served
+
+
+class Accounted(Protocol):
+    """What the line reads of a request's account (server/routes/common.py ``Account``):
+    an observer names only what it reads, and imports nothing above it."""
+
+    @property
+    def served(self) -> Served | None: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def images(self) -> int: ...
 
 LOGGER = "spillway.access"
 log = logging.getLogger(LOGGER)
@@ -29,9 +43,9 @@ SECRET_PATHS = frozenset({"/v1/images/{image_id}"})
 
 def access_fields(*, ts: float, request_id: str, key_name: str | None, method: str,
                   endpoint: str, path: str, status: int, latency_s: float,
-                  account: Account | None, route: str, model: str | None
+                  account: Accounted | None, route: str, model: str | None
                   ) -> dict[str, Any]:
-    """The line's fields; what the route knew comes from its ``Account``."""
+    """The line's fields; what the route knew comes from its account."""
     served = account.served if account is not None else None
     ok = account is not None and account.outcome == "ok"
     latency_ms = latency_s * 1000
