@@ -18,10 +18,10 @@ from pipelines.vlm import VisionLanguageModel
 from server import errors
 from server.auth import authenticate, is_closed
 from server.batcher import BatchPolicy
+from server.batches.service import BatchService
 from server.config import Settings
 from server.dispatch import Dispatcher
 from server.image_store import ImageStore
-from server.jobs import BatchService
 from server.keys import KeyStore
 from server.ledger import Ledger
 from server.metrics import Metrics

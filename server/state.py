@@ -21,8 +21,8 @@ from server.quotas import Quotas
 from server.storage import free_bytes
 
 if TYPE_CHECKING:
+    from server.batches.service import BatchService
     from server.dashboard_reads import DashboardReads
-    from server.jobs import BatchService
 
 
 @dataclass

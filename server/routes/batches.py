@@ -1,7 +1,7 @@
 """The OpenAI Batch API: /v1/files (purpose "batch") and /v1/batches.
 
 Shapes as the official ``openai`` SDK parses them (``FileObject``, ``Batch``, cursor
-pages). The work itself, and where it is stored, is server/jobs.py.
+pages). The work itself, and where it is stored, is server/batches/.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from pydantic import ConfigDict
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server import jobs
 from server.auth import caller_of
+from server.batches.files import MAX_FILE_BYTES, UPLOAD_SLACK_BYTES
+from server.batches.service import BatchService
+from server.batches.store import file_object
 from server.errors import APIError, bad_request
 from server.middleware import RequestContext
 from server.protocol import WireModel
@@ -31,7 +33,7 @@ class UploadBodyLimit:
     def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.default = RequestContext(app, max_body)
         self.upload = RequestContext(app, max(max_body,
-                                              jobs.MAX_FILE_BYTES + jobs.UPLOAD_SLACK_BYTES))
+                                              MAX_FILE_BYTES + UPLOAD_SLACK_BYTES))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and scope.get("method") == "POST"
@@ -41,7 +43,7 @@ class UploadBodyLimit:
             await self.default(scope, receive, send)
 
 
-def _service(state: AppState) -> jobs.BatchService:
+def _service(state: AppState) -> BatchService:
     if state.batches is None:
         raise APIError(503, "Batches are not available yet.", type="server_error",
                        code="batches_not_ready", headers={"Retry-After": "5"})
@@ -73,7 +75,7 @@ async def create_file(request: Request, state: State) -> JSONResponse:
 @router.get("/v1/files/{file_id}")
 async def get_file(file_id: str, request: Request, state: State) -> JSONResponse:
     row = await asyncio.to_thread(_service(state).get_file, file_id, caller_of(request))
-    return JSONResponse(jobs.file_object(row))
+    return JSONResponse(file_object(row))
 
 
 @router.get("/v1/files/{file_id}/content")

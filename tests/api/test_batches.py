@@ -16,12 +16,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from openai.types import Batch
 from PIL import Image
 from pydantic import SecretStr
 
-from server import jobs
 from server.app import create_app
+from server.batches.service import BatchService
+from server.batches.validate import item_seed
 from server.config import BatchSettings, Settings
 from server.image_store import ImageStore
 from server.keys import KeyStore
@@ -33,11 +35,24 @@ TERMINAL = {"completed", "failed", "cancelled", "expired"}
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     tmp = tmp_path_factory.mktemp("batches")
     settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp}/l.db")
-    with serve(create_app(settings)) as url:
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def base_url(app: FastAPI) -> Iterator[str]:
+    with serve(app) as url:
         yield url
+
+
+@pytest.fixture
+def batch_service(app: FastAPI, base_url: str) -> BatchService:
+    """The running server's BatchService (its limits are read at each request)."""
+    service: BatchService | None = app.state.spillway.batches
+    assert service is not None
+    return service
 
 
 @pytest.fixture
@@ -131,8 +146,7 @@ def test_images_batch_completes(client: openai.OpenAI) -> None:
         assert body["size"] == sizes[i % 3]
     assert results[5]["response"]["body"]["data"][0]["seed"] == 1234
     # items without a seed got one from (batch, custom_id): stable across re-runs
-    assert results[0]["response"]["body"]["data"][0]["seed"] == jobs.item_seed(batch.id,
-                                                                                "req-0")
+    assert results[0]["response"]["body"]["data"][0]["seed"] == item_seed(batch.id, "req-0")
     # files can be deleted once read; the batch keeps its ids
     assert client.files.delete(done.output_file_id).deleted
     with pytest.raises(openai.NotFoundError):
@@ -227,17 +241,18 @@ def _error_shape(exc: openai.APIStatusError) -> dict[str, Any]:
 
 
 def test_refusals_in_the_openai_shape(client: openai.OpenAI, base_url: str,
+                                      batch_service: BatchService,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     one = jsonl([gen_line("a", "x")])
     with pytest.raises(openai.BadRequestError) as purpose:
         client.files.create(file=("x.jsonl", one), purpose="fine-tune")
     assert _error_shape(purpose.value)["param"] == "purpose"
-    monkeypatch.setattr(jobs, "MAX_FILE_LINES", 3)
+    monkeypatch.setattr(batch_service.files, "max_lines", 3)
     with pytest.raises(openai.BadRequestError) as lines:
         client.files.create(file=("x.jsonl", jsonl([gen_line(str(i), "x") for i in range(4)])),
                             purpose="batch")
     assert _error_shape(lines.value)["code"] == "too_many_lines"
-    monkeypatch.setattr(jobs, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(batch_service.files, "max_bytes", 100)
     with pytest.raises(openai.BadRequestError) as big:
         client.files.create(file=("x.jsonl", b"x" * 101), purpose="batch")
     assert _error_shape(big.value)["code"] == "file_too_large"
@@ -323,8 +338,10 @@ def test_interactive_requests_go_first(client: openai.OpenAI) -> None:
 
 
 def test_an_expired_batch_reports_every_request(client: openai.OpenAI,
+                                                batch_service: BatchService,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jobs, "COMPLETION_WINDOWS", {"24h": 0})  # over as soon as it starts
+    # over as soon as it starts
+    monkeypatch.setattr(batch_service, "completion_windows", {"24h": 0})
     done = wait(client, submit(client, [gen_line(f"e-{i}", "late") for i in range(3)]).id)
     assert done.status == "expired" and done.expired_at is not None
     errors = lines_of(client, done.error_file_id)
@@ -358,17 +375,17 @@ def test_stop_leaves_pending_work_for_the_next_start(tiny_weights: Path,
 def test_one_worker_per_database(tiny_weights: Path, tmp_path: Path) -> None:
     settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db")
 
-    def service() -> jobs.BatchService:
-        return jobs.BatchService(AppState(settings, ImageStore(60, 2**20)))
+    def service() -> BatchService:
+        return BatchService(AppState(settings, ImageStore(60, 2**20)))
 
     a, b = service(), service()
-    assert a._acquire_lease() and not b._acquire_lease()
-    assert a._acquire_lease()  # still a's
+    assert a.lease.acquire() and not b.lease.acquire()
+    assert a.lease.acquire()  # still a's
     with sqlite3.connect(tmp_path / "l.db") as db:  # a's process died (a pid that is gone)
         db.execute("UPDATE batch_worker_lease SET pid = ?", (dead_pid(),))
-    assert b._acquire_lease() and not a._heartbeat()
-    b._release_lease()
-    assert a._acquire_lease()
+    assert b.lease.acquire() and not a.lease.heartbeat()
+    b.lease.release()
+    assert a.lease.acquire()
     for svc in (a, b):
         svc.engine.dispose()
 
