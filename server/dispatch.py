@@ -14,10 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from pipelines.vlm import ChatItem
 from server.batcher import Timing
+from server.catalog import CLOUDS, Task, cloud_of, local_chat_model, local_ids
 from server.config import Settings
 from server.errors import APIError
 from server.job import ImageJob
@@ -30,11 +31,10 @@ from server.providers.local import LocalImages
 from server.providers.local_chat import LocalChat
 from server.providers.openai import nearest_size
 from server.retry_after import retry_headers
-from server.router import CLOUDS, CloudState, JobView, Policy, Route, Signals, cloud_of, decide
+from server.router import CloudState, JobView, Policy, Route, Signals, decide
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Task = Literal["image", "vision"]
 BeforeSend = Callable[[str, str], Awaitable[None]]  # (provider, upstream model)
 
 
@@ -129,13 +129,11 @@ class Dispatcher:
         """Bulk (batch-job) work goes to the cloud only by explicit model, unless
         ``router.bulk_spill`` says it may spill and take critical qualities there too."""
         r = self.settings.router
-        local_ids = {"sdxl-turbo"} if task == "image" else {"local-vlm",
-                                                            *self.settings.vlm.aliases}
         cloud_ok = not bulk or r.bulk_spill
         return Policy(spill=r.spill and cloud_ok,
                       critical_qualities=frozenset(r.critical_qualities if cloud_ok else ()),
                       preferred=r.image_provider if task == "image" else r.vision_provider,
-                      local_ids=frozenset(local_ids))
+                      local_ids=local_ids(task, self.settings.vlm.aliases))
 
     # -- costs ------------------------------------------------------------------------
     def _image_cost(self, provider: str, job: ImageJob) -> float:
@@ -240,7 +238,7 @@ class Dispatcher:
         prompt = self._rough_prompt_tokens(job)
         costs = {p: self._chat_cost(p, job, prompt, job.max_tokens) for p in CLOUDS}
         # An alias (a cloud name the operator chose to answer locally) means local.
-        asked = "local-vlm" if job.model in self.settings.vlm.aliases else job.model
+        asked = local_chat_model(job.model, self.settings.vlm.aliases)
         view = JobView("vision", asked, None, deadline_s, costs)
         return decide(view, self._signals("vision", asked, local, [to_item(job)], bulk),
                       self._policy("vision", bulk)), view

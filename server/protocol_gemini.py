@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.vlm import ChatResult, Message
+from server.catalog import Listed, gemini_image_by_name
 from server.config import ImageSettings
 from server.errors import APIError, bad_request, gemini_body
 from server.protocol_chat import ImageRef, text_value
@@ -25,9 +26,6 @@ ROLES = {"user": "user", "model": "assistant"}
 MODALITIES = {"TEXT", "IMAGE"}
 MAX_CANDIDATES = 8
 FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
-# Local models, by task; anything else must be a cloud name the router knows.
-LOCAL_IMAGE_MODELS = {"sdxl-turbo"}
-LOCAL_TEXT_MODELS = {"local-vlm"}
 
 
 def _get(d: dict[str, Any], camel: str) -> Any:
@@ -231,38 +229,15 @@ def wants_image(model: str, config: GenerationConfig) -> bool:
     """Image output when asked for, or by default from an image model."""
     if config.modalities:
         return "IMAGE" in config.modalities
-    return model in LOCAL_IMAGE_MODELS or "image" in model
+    return gemini_image_by_name(model)
 
 
-def job_model(asked: str, image: bool, *, cloud_names: str, vlm_aliases: list[str],
-              cloud_provider: str | None) -> str:
-    """The model the job carries into the router. ``gemini-*`` names mean "a job of this
-    kind" (``cloud_names="route"``: the router decides, local first) or that cloud
-    (``"explicit"``). Raises 404 for names no side serves."""
-    if asked in (LOCAL_IMAGE_MODELS if image else LOCAL_TEXT_MODELS):
-        return asked
-    if asked == "auto" or (not image and asked in vlm_aliases):
-        return asked
-    if cloud_provider == "gemini":
-        return asked if cloud_names == "explicit" else "auto"
-    if cloud_provider is not None:
-        return asked  # another cloud's name: explicit, as on the OpenAI endpoints
-    if asked in LOCAL_IMAGE_MODELS | LOCAL_TEXT_MODELS:
-        raise bad_request(f"The model {asked!r} cannot "
-                          + ("make images." if image else "answer in text; ask for "
-                             "responseModalities [\"IMAGE\"]."), param="model")
-    raise APIError(404, f"models/{asked} is not found for API version v1beta/v1, or is not "
-                   "supported for generateContent.", type="not_found_error", param="model",
-                   code="model_not_found")
-
-
-def model_entry(name: str, display: str, description: str, methods: list[str],
-                input_limit: int, output_limit: int) -> dict[str, Any]:
+def model_entry(model: Listed) -> dict[str, Any]:
     """A Gemini ``Model`` resource, as ``models.get`` and ``models.list`` return it."""
-    return {"name": f"models/{name}", "baseModelId": name, "version": "spillway",
-            "displayName": display, "description": description,
-            "inputTokenLimit": input_limit, "outputTokenLimit": output_limit,
-            "supportedGenerationMethods": methods}
+    return {"name": f"models/{model.name}", "baseModelId": model.name, "version": "spillway",
+            "displayName": model.display, "description": model.description,
+            "inputTokenLimit": model.input_limit, "outputTokenLimit": model.output_limit,
+            "supportedGenerationMethods": list(model.methods)}
 
 
 def response_id() -> str:

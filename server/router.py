@@ -12,20 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Task = Literal["image", "vision"]
-CLOUDS = ("openai", "gemini")
-
-
-def cloud_of(model: str | None) -> str | None:
-    """The provider a model name belongs to, or None for local and automatic names."""
-    if not model:
-        return None
-    name = model.lower()
-    if name.startswith(("gpt-", "dall-e", "chatgpt-", "o1", "o3", "o4")):
-        return "openai"
-    if name.startswith("gemini-"):
-        return "gemini"
-    return None
+from server.catalog import AUTO, Task
+from server.catalog import CLOUDS as CLOUDS  # re-exported: callers import them from here
+from server.catalog import cloud_of as cloud_of
 
 
 @dataclass(frozen=True)
@@ -127,7 +116,7 @@ def decide(job: JobView, signals: Signals, policy: Policy) -> Route:
     provider = cloud_of(job.model)
     if provider is not None:
         return _explicit_cloud(job, signals, provider)
-    if job.model and job.model in policy.local_ids and job.model != "auto":
+    if job.model and job.model in policy.local_ids and job.model != AUTO:
         return _local_or_refuse(signals, "explicit")
     # 2. Quality the policy calls critical: the preferred cloud (any usable one).
     if job.quality and job.quality in policy.critical_qualities:

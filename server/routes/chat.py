@@ -9,8 +9,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from pipelines.vlm import ChatResult, fit_pixels
-from server import media
-from server.errors import APIError, model_not_found
+from server import catalog, media
 from server.protocol_chat import (
     ChatRequest,
     ImageRef,
@@ -22,7 +21,6 @@ from server.protocol_chat import (
     stop_strings,
 )
 from server.providers.base import ChatJob
-from server.router import cloud_of
 from server.routes.chat_run import run_chat_job, stream_chat
 from server.routes.common import (
     deadline_s,
@@ -33,12 +31,9 @@ router = APIRouter()
 
 
 def check_chat_model(state: AppState, model: str) -> None:
-    local_ids = {"local-vlm", "auto", *state.settings.vlm.aliases}
-    if model not in local_ids and cloud_of(model) is None:
-        raise model_not_found(model)
-    if model in local_ids and not state.chat_enabled and model != "auto":
-        raise APIError(404, "No vision-language model is enabled on this server.",
-                       param="model", code="model_not_found")
+    """The catalog's answer for this server's aliases and whether its VLM is enabled."""
+    catalog.check_chat_model(model, state.settings.vlm.aliases,
+                             chat_enabled=state.chat_enabled)
 
 
 async def load_images(refs: list[ImageRef], state: AppState) -> list[Image.Image]:

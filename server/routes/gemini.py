@@ -15,14 +15,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server import media
+from server import catalog, media
 from server.errors import APIError, bad_request
 from server.protocol import ImageEditRequest, ImageGenerationRequest, to_edit_job, to_image_job
 from server.protocol_gemini import (
     GeminiAsk,
     GeminiChunks,
     images_response,
-    job_model,
     model_entry,
     parse_request,
     response_id,
@@ -31,11 +30,10 @@ from server.protocol_gemini import (
     wants_image,
 )
 from server.providers.base import ChatJob
-from server.router import cloud_of
 from server.routes.chat import check_chat_model, load_images
 from server.routes.chat_run import run_chat_job, stream_chat
 from server.routes.common import deadline_s
-from server.routes.images import check_image_model, edit_sources, json_body, run_image_job
+from server.routes.images import edit_sources, json_body, run_image_job
 from server.state import AppState, State
 
 router = APIRouter()
@@ -47,8 +45,9 @@ async def _ask(request: Request) -> GeminiAsk:
 
 
 def _model(state: AppState, asked: str, image: bool) -> str:
-    return job_model(asked, image, cloud_names=state.settings.router.gemini_names,
-                     vlm_aliases=state.settings.vlm.aliases, cloud_provider=cloud_of(asked))
+    return catalog.gemini_job_model(asked, image,
+                                    cloud_names=state.settings.router.gemini_names,
+                                    vlm_aliases=state.settings.vlm.aliases)
 
 
 def _validated(model: type[ImageGenerationRequest], **fields: object) -> ImageGenerationRequest:
@@ -65,7 +64,7 @@ def _validated(model: type[ImageGenerationRequest], **fields: object) -> ImageGe
 async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
                   endpoint: str) -> Response:
     model = _model(state, asked, image=True)
-    check_image_model(model)
+    catalog.check_image_model(model)
     if not ask.prompt.strip():
         raise bad_request("Image generation needs a text prompt in the last user turn.",
                           param="contents")
@@ -130,28 +129,12 @@ async def _stream(request: Request, state: AppState, asked: str, ask: GeminiAsk,
 
 
 def gemini_models(state: AppState) -> list[dict[str, Any]]:
-    """What ``client.models.list()`` shows: the local models that are enabled, and the
-    Gemini names this box answers (through the router, or Gemini itself if explicit)."""
-    settings = state.settings
-    cap = settings.vlm.max_tokens_cap
+    """What ``client.models.list()`` shows (server/catalog.py says which)."""
+    cap = state.settings.vlm.max_tokens_cap
     context = state.chat.context_length if state.chat is not None else cap
-    text_methods = ["generateContent", "streamGenerateContent"]
-    routed = ("served through Spillway's router: local first, spilled when the queue "
-              "would miss the deadline" if settings.router.gemini_names == "route"
-              else "sent to Gemini")
-    models = []
-    if state.images_enabled:
-        models.append(model_entry("sdxl-turbo", "SDXL-Turbo (local)",
-                                  "Text-to-image and image-to-image on this box.",
-                                  ["generateContent"], 77, 0))
-    if state.chat_enabled:
-        models.append(model_entry("local-vlm", "Vision-language model (local)",
-                                  "Image understanding on this box.", text_methods,
-                                  context, cap))
-    for name, methods in ((settings.gemini.image_model, ["generateContent"]),
-                          (settings.gemini.vision_model, text_methods)):
-        models.append(model_entry(name, name, f"{name}, {routed}.", methods, context, cap))
-    return models
+    return [model_entry(m) for m in catalog.gemini_listed(
+        state.settings, images=state.images_enabled, chat=state.chat_enabled,
+        context=context)]
 
 
 def gemini_model(state: AppState, name: str) -> dict[str, Any]:

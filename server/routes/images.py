@@ -14,11 +14,11 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from pipelines.registry import MODEL_ID
 from server import media, safejson
 from server.auth import caller_of
+from server.catalog import check_image_model as check_image_model  # batches import it here
 from server.dispatch import Served
-from server.errors import APIError, bad_request, model_not_found
+from server.errors import APIError, bad_request
 from server.job import ImageJob
 from server.protocol import (
     ImageEditRequest,
@@ -31,7 +31,6 @@ from server.protocol import (
     to_image_job,
 )
 from server.providers.base import OutImage
-from server.router import cloud_of
 from server.routes.common import ClientGone, accounted, deadline_s, unless_disconnected
 from server.state import AppState, State
 
@@ -40,19 +39,12 @@ router = APIRouter()
 # browser or an <img> tag can fetch it without the API key.
 public_router = APIRouter()
 
-LOCAL_ALIASES = {None, "", "auto", MODEL_ID}
-
 
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerationRequest, request: Request, state: State) -> Response:
     check_image_model(body.model)
     job = to_image_job(body, body.model or "auto", state.settings.images)
     return await _run(request, state, "/v1/images/generations", job)
-
-
-def check_image_model(model: str | None) -> None:
-    if model not in LOCAL_ALIASES and cloud_of(model) is None:
-        raise model_not_found(str(model))
 
 
 async def run_image_job(request: Request, state: AppState, endpoint: str, job: ImageJob,
