@@ -3,7 +3,7 @@
 A full disk is transient (an operator frees space) and must never be mistaken for the
 request's fault or turned into lost work: a request that needs to store something gets
 507 ``insufficient_storage`` (server/errors.py); finished work that could not be written
-down is held and written later (server/ledger.py, server/jobs.py); ``/readyz`` says so.
+down is held and written later (server/ledger.py, server/batches/); ``/readyz`` says so.
 """
 
 from __future__ import annotations
