@@ -20,6 +20,7 @@ import torch
 import uvicorn
 
 from pipelines.base import ImageItem
+from server import catalog
 from server.app import batch_policy, create_app, load_engine, load_vlm
 from server.batcher import BatchPolicy
 from server.config import Settings
@@ -130,7 +131,7 @@ def compare(settings: Settings, *, clients: int, requests: int, size: str, steps
              ("one-at-a-time", BatchPolicy(max_batch=1, max_queue=settings.batch.max_queue))]
     results = []
     for mode, policy in modes:
-        local = LocalImages("sdxl-turbo", weights, engine.text2img, policy,
+        local = LocalImages(catalog.IMAGE_MODEL, weights, engine.text2img, policy,
                             settings.batch.default_timeout_s)
         results.append(_run_mode(mode, settings, local, clients, requests, body))
     print(f"spillway bench: {weights.label} on {engine.device.type} "
@@ -164,7 +165,7 @@ def compare_chat(settings: Settings, *, clients: int, requests: int, max_tokens:
     Image.fromarray(noise).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     body: dict[str, object] = {
-        "model": "local-vlm", "max_tokens": max_tokens, "temperature": 0,
+        "model": catalog.VLM_MODEL, "max_tokens": max_tokens, "temperature": 0,
         "messages": [{"role": "user", "content": [
             {"type": "text", "text": "Describe this image."},
             {"type": "image_url", "image_url": {"url": url}}]}]}
@@ -174,7 +175,7 @@ def compare_chat(settings: Settings, *, clients: int, requests: int, max_tokens:
     for mode, max_batch in modes:
         policy = BatchPolicy(max_batch=max_batch, max_batch_pixels=2**62,
                              max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
-        local = LocalChat("local-vlm", weights, model.generate,
+        local = LocalChat(catalog.VLM_MODEL, weights, model.generate,
                           lambda item: model.count_prompt_tokens(item.messages, item.images),
                           model.context_length, policy, v.timeout_s)
         results.append(_run_mode(mode, settings, local, clients, requests, body))

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from pipelines.registry import MODEL_ID
+from server import catalog
 from server.config import ImageSettings, Settings
 from server.errors import APIError
 from server.protocol import MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, parse_size
@@ -44,7 +45,7 @@ MANIFEST = "manifest.jsonl"
 PARTIAL = ".partial"
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 QUALITIES = ("standard", "hd", "low", "medium", "high", "auto")
-LOCAL_MODELS = {"auto", MODEL_ID}
+LOCAL_MODELS = frozenset({catalog.AUTO, catalog.IMAGE_MODEL})  # a CSV model column, in-process
 MAX_N = 10
 MIN_STEPS, MAX_STEPS = 1, 4
 RETRIES = 4  # after the first try: 429 / 5xx / unreachable

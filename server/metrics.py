@@ -25,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server import catalog
 from server.batcher import BatchDone
 from server.ledger import UsageRow
 from server.router import CLOUDS
@@ -46,7 +47,7 @@ def known_models(settings: Settings) -> frozenset[str]:
     """Model names that may appear as a label; any other name a client sends (the
     router accepts any ``gpt-*``) is counted as ``other``."""
     return frozenset({
-        "auto", "sdxl-turbo", "local-vlm", *settings.vlm.aliases,
+        catalog.AUTO, *catalog.LOCAL_MODELS, *settings.vlm.aliases,
         settings.openai.image_model, settings.openai.vision_model,
         settings.gemini.image_model, settings.gemini.vision_model,
         *settings.router.rate_limits, *settings.prices.tokens_per_million,

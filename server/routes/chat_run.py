@@ -15,6 +15,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from pipelines.vlm import ChatResult
+from server import catalog
 from server.auth import caller_of, reserve_quota
 from server.dispatch import Served, check_context, to_item
 from server.errors import APIError
@@ -117,7 +118,7 @@ async def stream_local(events: AsyncIterator[StreamEvent], fmt: StreamFormat,
                 continue
             result = event.result
             outcome = ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
-                                  result.completion_tokens, "local-vlm", 0.0)
+                                  result.completion_tokens, catalog.VLM_MODEL, 0.0)
             account.served = state.require_dispatcher().local_chat_served(
                 reason, job, outcome, event.timing)
             for line in fmt.closing(result):
