@@ -82,31 +82,34 @@ class Quotas:
         *might* cost on a cloud (it may well run locally, for almost nothing), yet
         requests in flight together can never reserve more than the quota."""
         day = _day(now)
-        self._ensure_day(owner, day, now)
         # Compare-and-set on the counter row: read it, decide, write only if it is still
         # what was read. One UPDATE either way, atomic on SQLite and PostgreSQL alike;
         # a lost race re-reads.
         for _ in range(_MAX_TRIES):
             with self.ledger.writing() as s:
-                used_images, used_usd = s.execute(
-                    select(QuotaDay.images, QuotaDay.usd)
-                    .where(QuotaDay.owner == owner, QuotaDay.day == day)).one()
-                if limits.images is not None and used_images + images > limits.images:
-                    raise QuotaExceeded("images", used_images, limits.images)
-                money = usd
-                if limits.usd is not None:
-                    left = limits.usd - used_usd
-                    if left <= _MONEY_EPS:
-                        raise QuotaExceeded("usd", used_usd, limits.usd)
-                    money = min(usd, left)
-                res = s.execute(update(QuotaDay)
-                                .where(QuotaDay.owner == owner, QuotaDay.day == day,
-                                       QuotaDay.images == used_images,
-                                       QuotaDay.usd == used_usd)
-                                .values(images=used_images + images, usd=used_usd + money)
-                                .execution_options(synchronize_session=False))
-                if _rowcount(res) == 1:
-                    return Reservation(owner, day, images, money)
+                row = s.execute(select(QuotaDay.images, QuotaDay.usd)
+                                .where(QuotaDay.owner == owner, QuotaDay.day == day)).first()
+                if row is not None:
+                    used_images, used_usd = row
+                    if limits.images is not None and used_images + images > limits.images:
+                        raise QuotaExceeded("images", used_images, limits.images)
+                    money = usd
+                    if limits.usd is not None:
+                        left = limits.usd - used_usd
+                        if left <= _MONEY_EPS:
+                            raise QuotaExceeded("usd", used_usd, limits.usd)
+                        money = min(usd, left)
+                    res = s.execute(update(QuotaDay)
+                                    .where(QuotaDay.owner == owner, QuotaDay.day == day,
+                                           QuotaDay.images == used_images,
+                                           QuotaDay.usd == used_usd)
+                                    .values(images=used_images + images,
+                                            usd=used_usd + money)
+                                    .execution_options(synchronize_session=False))
+                    if _rowcount(res) == 1:
+                        return Reservation(owner, day, images, money)
+                    continue  # lost a race: read again
+            self._start_day(owner, day, now)  # the key's first reservation of the day
         raise QuotaExceeded("busy", 0, 0)  # never seen: 50 lost races in a row
 
     def settle(self, r: Reservation, images: int, usd: float) -> None:
@@ -127,11 +130,7 @@ class Quotas:
             return int(row[0]), float(row[1])
         return self.ledger.used_today(owner, now=now)
 
-    def _ensure_day(self, owner: str, day: str, now: datetime | None) -> None:
-        with self.ledger.writing() as s:
-            if s.scalar(select(QuotaDay.owner).where(QuotaDay.owner == owner,
-                                                      QuotaDay.day == day)) is not None:
-                return
+    def _start_day(self, owner: str, day: str, now: datetime | None) -> None:
         images, usd = self.ledger.used_today(owner, now=now)
         try:
             with self.ledger.writing() as s:

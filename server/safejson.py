@@ -59,8 +59,8 @@ def check(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
         if isinstance(node, dict):
             for key, child in node.items():
                 # The path goes back to the client in an error: never a bad key in it.
-                shown = _shown(str(key))
-                where = f"{path}.{shown}" if path else shown
+                name = shown(str(key))[:100]
+                where = f"{path}.{name}" if path else name
                 if isinstance(key, str):
                     _check_text(key, where)
                 stack.append((child, depth + 1, where))
@@ -78,8 +78,11 @@ def _check_text(text: str, path: str) -> None:
                         path or None) from None
 
 
-def _shown(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:100]
+def shown(text: str) -> str:
+    """``text`` safe to send or store: lone surrogates written as ``\\udXXX`` escapes."""
+    if valid_text(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def valid_text(text: str) -> bool:

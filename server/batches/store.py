@@ -292,9 +292,7 @@ def request_counts(s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]
 def shown(value: str | None) -> str | None:
     """Text for a response: a row stored before strings were checked at the edge may hold
     a lone surrogate; it is shown escaped rather than failing the whole listing."""
-    if value is None or safejson.valid_text(value):
-        return value
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return None if value is None else safejson.shown(value)
 
 
 def file_object(row: FileRow) -> dict[str, Any]:
