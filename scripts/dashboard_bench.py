@@ -22,9 +22,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from server.dashboard import window_start
-from server.dashboard_reads import DashboardReads
-from server.ledger import Ledger, UsageRecord
+from server.ops.dashboard import window_start
+from server.ops.dashboard_reads import DashboardReads
+from server.store.ledger import Ledger, UsageRecord
 
 KEYS = ["team-a", "team-b", "team-c", "nightly"]
 

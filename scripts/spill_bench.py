@@ -24,7 +24,6 @@ import uvicorn
 from pydantic import SecretStr
 
 from server.app import create_app
-from server.bench import _free_port
 from server.config import (
     GeminiSettings,
     OpenAISettings,
@@ -32,6 +31,7 @@ from server.config import (
     RouterSettings,
     Settings,
 )
+from server.tools.bench import _free_port
 from tests.fakes.gemini_server import running_fake_gemini
 from tests.fakes.openai_server import running_fake_openai
 

@@ -16,22 +16,22 @@ from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describ
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
 from pipelines.vlm import VisionLanguageModel
 from server import errors
-from server.auth import authenticate, is_closed
-from server.batcher import BatchPolicy
 from server.batches.service import BatchService
 from server.config import Settings
-from server.dispatch import Dispatcher
-from server.image_store import ImageStore
-from server.keys import KeyStore
-from server.ledger import Ledger
-from server.metrics import Metrics
-from server.pixel_budget import PixelBudget
+from server.http.auth import authenticate, is_closed
+from server.http.routes import batches, chat, dashboard, gemini, images, ops, usage, web
+from server.media.budget import PixelBudget
+from server.ops.metrics import Metrics
 from server.providers.base import CloudProvider
-from server.providers.local import LocalImages
-from server.providers.local_chat import LocalChat
-from server.quotas import Quotas
-from server.routes import batches, chat, dashboard, gemini, images, ops, usage, web
-from server.state import AppState
+from server.providers.local.batcher import BatchPolicy
+from server.providers.local.chat import LocalChat
+from server.providers.local.images import LocalImages
+from server.routing.dispatch import Dispatcher
+from server.services import AppState
+from server.store.image_store import ImageStore
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
+from server.store.quotas import Quotas
 
 log = logging.getLogger("spillway")
 
@@ -117,7 +117,7 @@ def build_providers(settings: Settings) -> dict[str, CloudProvider]:
 
 
 async def _say_auth_mode(state: AppState) -> None:
-    """Open or closed, the operator hears it at startup (server/auth.py is_closed)."""
+    """Open or closed, the operator hears it at startup (server/http/auth.py is_closed)."""
     if await is_closed(state):
         keys = state.keys.list() if state.keys is not None else []
         active = sum(k.active for k in keys)

@@ -11,7 +11,7 @@ import typer
 from server.config import Settings
 
 if TYPE_CHECKING:
-    from server.keys import KeyStore
+    from server.store.keys import KeyStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Spillway: a self-hosted image server speaking the OpenAI API.")
@@ -43,8 +43,9 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     """Start the HTTP server (OpenAI-compatible, under /v1)."""
     import uvicorn
 
-    from server import access_log, redact
+    from server import redact
     from server.app import create_app
+    from server.ops import access_log
 
     settings = _settings(host=host, port=port, weights_dir=weights_dir)
     logging.basicConfig(level=settings.log_level.upper(),
@@ -62,13 +63,13 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
             app_.state.spillway.shutting_down = True
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
-    from server.http_server import uvicorn_limits
+    from server.http.server import uvicorn_limits
 
     config = uvicorn.Config(app_, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(),
                             access_log=False,  # ours has the route, cost and key name
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-                            # request heads bounded in size and time (server/http_server.py)
+                            # request heads bounded in size and time (server/http/server.py)
                             **uvicorn_limits(settings))
     # After uvicorn.Config, which sets up uvicorn's own handlers: every handler gets it.
     redact.install(redact.RedactingFilter(redact.Redactor(redact.settings_secrets(settings))))
@@ -86,8 +87,8 @@ def generate(prompt: str,
     """Make one image in-process, no server needed."""
     from server.app import load_engine
     from server.errors import APIError
-    from server.protocol import parse_size
-    from server.providers.local import encode_image
+    from server.providers.local.images import encode_image
+    from server.wire.openai_images import parse_size
 
     settings = _settings(weights_dir=weights_dir)
     fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
@@ -194,7 +195,7 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
           max_tokens: Annotated[int, typer.Option(help="--chat: output tokens per request")]
           = 64) -> None:
     """Batched engine vs one-at-a-time, side by side, through the real HTTP server."""
-    from server import bench as bench_mod
+    from server.tools import bench as bench_mod
 
     settings = _settings(weights_dir=weights_dir)
     if chat:
@@ -219,7 +220,7 @@ def batch(input_path: Annotated[Path, typer.Argument(metavar="INPUT",
           concurrency: Annotated[int, typer.Option(min=1)] = 8,
           weights_dir: WeightsDir = None) -> None:
     """Offline bulk generation: rows -> images + manifest.jsonl; re-run to resume."""
-    from server.bulk import BulkError, run_bulk
+    from server.tools.bulk import BulkError, run_bulk
 
     try:
         summary = run_bulk(input_path, out, _settings(weights_dir=weights_dir), server=server,
@@ -232,8 +233,8 @@ def batch(input_path: Annotated[Path, typer.Argument(metavar="INPUT",
 
 
 def _keystore() -> KeyStore:
-    from server.keys import KeyStore
-    from server.ledger import Ledger
+    from server.store.keys import KeyStore
+    from server.store.ledger import Ledger
 
     return KeyStore(Ledger(_settings().ledger_url))
 
@@ -260,9 +261,9 @@ def keys_create(name: Annotated[str, typer.Option("--name")],
 @keys_app.command("list")
 def keys_list() -> None:
     """Keys, their quotas and today's use (never the keys themselves)."""
-    from server.keys import KeyStore
-    from server.ledger import Ledger
-    from server.quotas import Quotas
+    from server.store.keys import KeyStore
+    from server.store.ledger import Ledger
+    from server.store.quotas import Quotas
 
     settings = _settings()
     ledger = Ledger(settings.ledger_url)
@@ -297,7 +298,7 @@ def db_upgrade() -> None:
     this itself at start-up; this is for doing it ahead of time, or checking."""
     from sqlalchemy.engine import make_url
 
-    from server import db
+    from server.store import db
 
     url = _settings().ledger_url
     engine = db.open_engine(url)
@@ -321,7 +322,7 @@ def usage(group_by: Annotated[str, typer.Option(
     """Totals from the ledger: images, tokens, device-seconds, cost, savings vs all-cloud."""
     from datetime import UTC, datetime, timedelta
 
-    from server.ledger import GROUPS, Ledger
+    from server.store.ledger import GROUPS, Ledger
 
     if group_by not in GROUPS:
         raise _fail(f"group-by must be one of {', '.join(GROUPS)}")

@@ -51,7 +51,7 @@ class MediaSettings(BaseModel):
     max_images_per_request: int = Field(8, ge=1)
     # Eight images at max_pixels, in each of a few requests at once, are gigabytes:
     # intake holds at most this many decoded pixels (4-8 bytes each while decoding) and an
-    # image waits its turn (server/pixel_budget.py).
+    # image waits its turn (server/media/budget.py).
     max_decoding_pixels: int = Field(
         120_000_000, ge=1, description="decoded pixels held at once, all requests together")
     decode_wait_s: float = Field(
@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         "but one, which is left to the HTTP side")
     max_body_mb: float = Field(25.0, gt=0)
     # A client must not hold a connection (or its memory) with a request that never ends:
-    # server/http_server.py bounds the head, server/middleware.py the body.
+    # server/http/server.py bounds the head, server/http/middleware.py the body.
     max_header_kb: int = Field(64, ge=1, description="request line and headers; more: 431")
     header_timeout_s: float = Field(
         20.0, gt=0, description="time for the request line and headers to arrive; then 408")

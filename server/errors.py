@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server.retry_after import retry_headers
-from server.storage import is_storage_full
+from server.store.storage import is_storage_full
 
 log = logging.getLogger(__name__)
 

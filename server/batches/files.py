@@ -15,10 +15,10 @@ from typing import IO, Any
 
 from sqlalchemy import delete, select
 
-from server import safejson
-from server.auth import Caller
 from server.batches.store import OPEN, BatchRow, FileRow, Store, file_object, fsync_dir, not_found
 from server.errors import APIError, bad_request
+from server.http.auth import Caller
+from server.wire import safejson
 
 # Upload limits: the defaults of BatchService's parameters. The middleware lets a
 # POST /v1/files body this much larger than MAX_FILE_BYTES through for multipart framing.

@@ -16,8 +16,6 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from server import safejson
-from server.auth import Caller
 from server.batches.files import MAX_FILE_BYTES, MAX_FILE_LINES, Files, visible
 from server.batches.lease import Lease
 from server.batches.store import (
@@ -36,9 +34,11 @@ from server.batches.store import (
 )
 from server.batches.worker import CONCURRENCY, Worker
 from server.errors import bad_request
+from server.http.auth import Caller
+from server.wire import safejson
 
 if TYPE_CHECKING:
-    from server.state import AppState
+    from server.services import AppState
 
 COMPLETION_WINDOWS: Mapping[str, int] = {"24h": 24 * 3600}
 MAX_METADATA_KEYS = 16

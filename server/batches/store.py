@@ -62,9 +62,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from server import db, safejson
-from server.db import is_memory_sqlite, open_engine
 from server.errors import APIError
+from server.store import db
+from server.store.db import is_memory_sqlite, open_engine
+from server.wire import safejson
 
 GENERATIONS, EDITS, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
 ENDPOINTS = (GENERATIONS, EDITS, CHAT)
@@ -94,7 +95,7 @@ class FileRow(JobsBase):
     filename: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column("bytes", Integer)
     created_at: Mapped[int] = mapped_column(Integer)
-    # The owner id of the key that made it (server/keys.py): "key:<id>", "admin"; None:
+    # The owner id of the key that made it (server/store/keys.py): "key:<id>", "admin"; None:
     # made on an open server.
     owner: Mapped[str | None] = mapped_column(String(100))
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from sqlalchemy import delete, insert, select
 
-from server import media, safejson
 from server.batches.store import (
     CANCELLING,
     CHAT,
@@ -31,19 +30,21 @@ from server.batches.store import (
 )
 from server.config import MediaSettings
 from server.errors import APIError, bad_request
-from server.protocol import (
+from server.http.routes.chat import check_chat_model
+from server.http.routes.images import check_image_model
+from server.media import intake as media
+from server.wire import safejson
+from server.wire.openai_chat import ChatRequest, max_tokens_of, parse_messages, stop_strings
+from server.wire.openai_images import (
     MAX_SEED,
     ImageEditRequest,
     ImageGenerationRequest,
     parse_size,
     to_image_job,
 )
-from server.protocol_chat import ChatRequest, max_tokens_of, parse_messages, stop_strings
-from server.routes.chat import check_chat_model
-from server.routes.images import check_image_model
 
 if TYPE_CHECKING:
-    from server.state import AppState
+    from server.services import AppState
 
 log = logging.getLogger(__name__)
 

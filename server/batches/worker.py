@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import select, update
 
 from pipelines.vlm import ChatResult
-from server.auth import Caller, reserve_quota, settle_quota
 from server.batches.finalize import advance, fail_batch, finalize
 from server.batches.lease import Lease
 from server.batches.store import (
@@ -40,26 +39,27 @@ from server.batches.store import (
 )
 from server.batches.validate import Validator, edit_refs
 from server.errors import APIError, server_error
-from server.keys import ADMIN_OWNER
-from server.ledger import UsageRow
-from server.protocol import (
+from server.http.auth import Caller, reserve_quota, settle_quota
+from server.http.routes.chat import chat_job_from
+from server.http.routes.images import edit_sources
+from server.providers.base import OutImage
+from server.store.keys import ADMIN_OWNER
+from server.store.ledger import UsageRow
+from server.store.quotas import Reservation
+from server.store.storage import is_transient_storage
+from server.wire.openai_chat import ChatRequest, completion_body, completion_id
+from server.wire.openai_images import (
     ImageEditRequest,
     ImageGenerationRequest,
     images_response,
     to_edit_job,
     to_image_job,
 )
-from server.protocol_chat import ChatRequest, completion_body, completion_id
-from server.providers.base import OutImage
-from server.quotas import Reservation
-from server.routes.chat import chat_job_from
-from server.routes.images import edit_sources
-from server.storage import is_transient_storage
 
 if TYPE_CHECKING:
-    from server.dispatch import BeforeSend, Served
     from server.job import ImageJob
-    from server.state import AppState
+    from server.routing.dispatch import BeforeSend, Served
+    from server.services import AppState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

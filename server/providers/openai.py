@@ -38,7 +38,7 @@ from server.providers.base import (
     OutImage,
     ProviderError,
 )
-from server.providers.local import MEDIA_TYPES, encode_image
+from server.providers.local.images import MEDIA_TYPES, encode_image
 from server.providers.pricing import openai_image_cost, openai_quality_tier, token_cost
 from server.redact import REDACTED, redact
 

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from server.keys import KeyStore
-from server.ledger import Ledger
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.conftest import free_port, wait_ready
 
 SPILLWAY = str(Path(sys.executable).with_name("spillway"))

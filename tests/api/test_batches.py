@@ -25,10 +25,10 @@ from server.app import create_app
 from server.batches.service import BatchService
 from server.batches.validate import item_seed
 from server.config import BatchSettings, Settings
-from server.image_store import ImageStore
-from server.keys import KeyStore
-from server.ledger import Ledger
-from server.state import AppState
+from server.services import AppState
+from server.store.image_store import ImageStore
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.conftest import serve
 
 TERMINAL = {"completed", "failed", "cancelled", "expired"}

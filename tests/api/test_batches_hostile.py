@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from server.app import create_app
 from server.config import Settings
-from server.keys import KeyStore
-from server.ledger import Ledger
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.api.test_batches import gen_line, jsonl, lines_of, wait
 from tests.conftest import serve
 

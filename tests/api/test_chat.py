@@ -19,9 +19,9 @@ from PIL import Image
 from pipelines.registry import VLM, best_weights
 from pipelines.vlm import ChatItem, ChatResult, VisionLanguageModel
 from server.app import create_app
-from server.batcher import BatchPolicy
 from server.config import Settings
-from server.providers.local_chat import LocalChat
+from server.providers.local.batcher import BatchPolicy
+from server.providers.local.chat import LocalChat
 from tests.conftest import serve
 
 

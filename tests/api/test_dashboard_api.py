@@ -11,8 +11,8 @@ from pydantic import SecretStr
 
 from server.app import create_app
 from server.config import Settings
-from server.keys import KeyStore
-from server.ledger import Ledger
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.conftest import serve
 
 ADMIN = "admin-secret-for-dashboard-tests-01"

@@ -19,7 +19,7 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.ledger import Ledger
+from server.store.ledger import Ledger
 from tests.api.test_batches import gen_line, jsonl, lines_of, wait
 from tests.conftest import serve
 

@@ -26,9 +26,9 @@ from pydantic import SecretStr
 from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
 from server.config import BatchSettings, GeminiSettings, RateLimit, RouterSettings, Settings
-from server.keys import KeyStore
-from server.ledger import Ledger
-from server.providers.local import LocalImages
+from server.providers.local.images import LocalImages
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.gemini_server import running_fake_gemini

@@ -1,5 +1,5 @@
 """What a connection may hold, against uvicorn configured as `spillway serve` configures it
-(server/http_server.py), over raw loopback sockets: a huge or slow request head, and a
+(server/http/server.py), over raw loopback sockets: a huge or slow request head, and a
 body that stalls or trickles, get an answer in the OpenAI error shape and a closed
 connection, instead of memory and a connection held for as long as the client likes."""
 
@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from server.app import create_app
 from server.config import Settings
-from server.http_server import uvicorn_limits
+from server.http.server import uvicorn_limits
 from tests.conftest import free_port
 
 ADMIN = "admin-secret-http-limits-0123456789"

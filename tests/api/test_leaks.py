@@ -14,11 +14,11 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from server import access_log
 from server.app import create_app
 from server.config import Settings
-from server.keys import KeyStore
-from server.ledger import Ledger
+from server.ops import access_log
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.conftest import serve
 
 ADMIN = "admin-secret-for-leak-tests-0123456789"

@@ -1,4 +1,4 @@
-"""server.media fetching against real HTTP servers on loopback.
+"""server.media.intake fetching against real HTTP servers on loopback.
 
 127.0.0.2 (Linux routes all of 127/8 to lo) plays the "public" server: tests allow-list it
 with ``allow_networks``. 127.0.0.1 and ::1 host canaries that count every connection they
@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from server import media as media_module
 from server.config import MediaSettings
 from server.errors import APIError
-from server.media import fetch_url, load_image
+from server.media import intake as media_module
+from server.media.intake import fetch_url, load_image
 
 PUBLIC = "127.0.0.2"  # stands in for a public server; allow-listed where used
 ALLOW_PUBLIC = MediaSettings(allow_networks=[f"{PUBLIC}/32"], fetch_timeout_s=5.0)
@@ -351,7 +351,7 @@ def test_private_and_unresolvable_hosts_read_the_same(canary: Server,
     """Otherwise the refusal is a DNS oracle: a client could tell which internal names
     exist ("resolves to a private address") from which do not ("could not be resolved").
     The operator's log still tells them apart."""
-    with caplog.at_level(logging.INFO, logger="server.media"):
+    with caplog.at_level(logging.INFO, logger="server.media.intake"):
         private = refused(f"http://localhost:{canary.port}/x.png")
         missing = refused(f"http://no-such-host.invalid:{canary.port}/x.png")
     assert private.code == missing.code == "image_url_refused"
@@ -359,7 +359,7 @@ def test_private_and_unresolvable_hosts_read_the_same(canary: Server,
         "no-such-host.invalid", "HOST")
     assert "loopback" not in private.message and "resolved" not in missing.message.replace(
         "does not resolve", "")
-    logged = [r.getMessage() for r in caplog.records if r.name == "server.media"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "server.media.intake"]
     assert any("localhost" in m and "loopback" in m for m in logged), logged
     assert any("no-such-host.invalid" in m and "could not be resolved" in m for m in logged)
     assert canary.connections == 0

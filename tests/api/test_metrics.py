@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
 from server.config import OpenAISettings, RateLimit, RouterSettings, Settings
-from server.providers.local import LocalImages
+from server.providers.local.images import LocalImages
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.openai_server import running_fake_openai

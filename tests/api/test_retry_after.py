@@ -29,7 +29,7 @@ from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
 from server.config import Settings
 from server.errors import queue_full
-from server.providers.local import LocalImages
+from server.providers.local.images import LocalImages
 from server.retry_after import MAX_RETRY_AFTER_S, retry_headers
 from tests.api.gated import wait_for
 from tests.conftest import serve

@@ -28,8 +28,8 @@ from server.config import (
     RouterSettings,
     Settings,
 )
-from server.ledger import Ledger
-from server.providers.local import LocalImages
+from server.providers.local.images import LocalImages
+from server.store.ledger import Ledger
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.gemini_server import running_fake_gemini

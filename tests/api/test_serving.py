@@ -22,7 +22,7 @@ from PIL import Image
 from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import batch_policy, create_app
 from server.config import BatchSettings, Settings
-from server.providers.local import LocalImages
+from server.providers.local.images import LocalImages
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 

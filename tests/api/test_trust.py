@@ -16,8 +16,8 @@ from pydantic import SecretStr
 
 from server.app import create_app
 from server.config import Settings
-from server.keys import KeyStore
-from server.ledger import Ledger
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.api.test_batches import gen_line, lines_of, submit, wait
 from tests.conftest import serve
 

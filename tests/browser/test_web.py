@@ -23,8 +23,8 @@ from pydantic import SecretStr
 
 from server.app import create_app
 from server.config import BatchSettings, ImageSettings, OpenAISettings, Settings
-from server.keys import KeyStore
-from server.ledger import Ledger, UsageRow
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger, UsageRow
 from tests.conftest import serve
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,4 +1,4 @@
-"""`server.bulk.run_bulk`: batch files in-process and through a live server, with resume."""
+"""`server.tools.bulk.run_bulk`: batch files in-process and through a live server, with resume."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from server.app import create_app
-from server.bulk import MANIFEST, BulkError, BulkInputError, run_bulk
 from server.config import Settings
+from server.tools.bulk import MANIFEST, BulkError, BulkInputError, run_bulk
 from tests.conftest import free_port, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ CHILD = """
 import signal, sys
 from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignores it
-from server.bulk import run_bulk
+from server.tools.bulk import run_bulk
 from server.config import Settings
 run_bulk(Path(sys.argv[1]), Path(sys.argv[2]), Settings(), batch_size=4)
 """

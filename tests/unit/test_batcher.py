@@ -1,4 +1,4 @@
-"""Unit tests for server.batcher: the pure batching decisions and the worker thread.
+"""Unit tests for server.providers.local.batcher: the pure batching decisions and the worker thread.
 
 No torch, no HTTP, no models: items are small frozen dataclasses, and the fake
 ``run_batch`` is blocked and released with Events so that what is queued while the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.batcher import (
+from server.providers.local.batcher import (
     Batcher,
     BatchPolicy,
     Closed,

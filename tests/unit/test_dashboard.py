@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from server.dashboard import (
+from server.ops.dashboard import (
     WINDOW_MINUTES,
     Cloud,
     Live,
@@ -20,7 +20,7 @@ from server.dashboard import (
     offered_sizes,
     window_start,
 )
-from server.ledger import Ledger, MinuteBucket, UsageRow
+from server.store.ledger import Ledger, MinuteBucket, UsageRow
 
 NOW = datetime(2025, 6, 15, 12, 30, 15, tzinfo=UTC)  # 15 s into the minute
 GEN = "/v1/images/generations"

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from server.dashboard import window_start
-from server.dashboard_reads import FULL_RELOAD_S, DashboardReads, by_route
-from server.ledger import Ledger, UsageRow
+from server.ops.dashboard import window_start
+from server.ops.dashboard_reads import FULL_RELOAD_S, DashboardReads, by_route
+from server.store.ledger import Ledger, UsageRow
 
 KEYS = [None, "team-a", "team-b"]
 

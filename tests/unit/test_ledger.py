@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.ledger import Ledger, UsageRow, within_budget
+from server.store.ledger import Ledger, UsageRow, within_budget
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 YESTERDAY = NOW - timedelta(days=1)

@@ -1,4 +1,4 @@
-"""server.media decoding: formats, caps, base64 and data URLs. No network."""
+"""server.media.intake decoding: formats, caps, base64 and data URLs. No network."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from server.config import MediaSettings
 from server.errors import APIError
-from server.media import decode_base64, decode_data_url, decode_image_bytes, load_image
+from server.media.intake import decode_base64, decode_data_url, decode_image_bytes, load_image
 
 MEDIA = MediaSettings()
 

@@ -19,9 +19,9 @@ from alembic.runtime.migration import MigrationContext
 from pydantic import SecretStr
 from sqlalchemy import MetaData, create_engine, inspect
 
-from server import db
 from server.app import create_app
 from server.config import Settings
+from server.store import db
 from tests.conftest import serve
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "ledger_v0"
@@ -88,7 +88,7 @@ def test_an_old_database_is_upgraded_in_place_and_served(tiny_weights: Path,
 
 def test_several_processes_upgrade_one_database_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    code = ("import sys; from server import db; e = db.open_engine(sys.argv[1]); "
+    code = ("import sys; from server.store import db; e = db.open_engine(sys.argv[1]); "
             "db.upgrade(e); print(db.current(e))")
     procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -102,8 +102,8 @@ def test_several_processes_upgrade_one_database_at_once(tmp_path: Path) -> None:
 
 
 def test_the_models_agree_with_the_migrations(tmp_path: Path) -> None:
-    from server import keys, ledger, quotas
     from server.batches.store import JobsBase
+    from server.store import keys, ledger, quotas
 
     target = MetaData()
     for base in (ledger.Base, keys.KeyRecord, JobsBase, quotas.QuotaDay):

@@ -1,4 +1,4 @@
-"""The decoded-pixel budget (server/pixel_budget.py): order, waiting, refusal, release."""
+"""The decoded-pixel budget (server/media/budget.py): order, waiting, refusal, release."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from server.errors import APIError
-from server.pixel_budget import PixelBudget
+from server.media.budget import PixelBudget
 
 
 def test_work_runs_in_a_thread_and_the_room_comes_back() -> None:

@@ -7,15 +7,15 @@ from pydantic import BaseModel, ValidationError
 
 from server.config import ImageSettings
 from server.errors import APIError
-from server.image_store import ImageStore
-from server.protocol import (
+from server.store.image_store import ImageStore
+from server.wire.openai_chat import ChatRequest
+from server.wire.openai_images import (
     ImageGenerationRequest,
     edit_size,
     parse_size,
     seeds_for,
     to_image_job,
 )
-from server.protocol_chat import ChatRequest
 
 
 def test_parse_size() -> None:

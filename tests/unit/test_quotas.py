@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.ledger import Ledger, UsageRow
-from server.quotas import Limits, QuotaExceeded, Quotas
+from server.store.ledger import Ledger, UsageRow
+from server.store.quotas import Limits, QuotaExceeded, Quotas
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.config import RateLimit
-from server.limits import CircuitBreaker, RateLimiter
-from server.router import CloudState, JobView, Policy, Signals, cloud_of, decide
+from server.routing.decide import CloudState, JobView, Policy, Signals, cloud_of, decide
+from server.routing.limits import CircuitBreaker, RateLimiter
 
 POLICY = Policy(spill=True, critical_qualities=frozenset({"high", "hd"}), preferred="openai",
                 local_ids=frozenset({"sdxl-turbo", "auto"}))
@@ -152,7 +152,7 @@ def test_breaker_opens_cools_down_and_takes_one_trial() -> None:
 def test_interactive_items_go_before_bulk_ones() -> None:
     from dataclasses import dataclass
 
-    from server.batcher import BatchPolicy, Pending, form_batch
+    from server.providers.local.batcher import BatchPolicy, Pending, form_batch
 
     @dataclass(frozen=True)
     class It:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server import safejson
+from server.wire import safejson
 
 
 def test_deep_nesting_is_a_clean_error_at_any_depth() -> None:

@@ -1,0 +1,86 @@
+"""Liveness, readiness, Prometheus metrics and the model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.errors import google_client, model_not_found
+from server.http.auth import authenticate, caller_of
+from server.http.routes import gemini
+from server.ops.metrics import CONTENT_TYPE_LATEST
+from server.services import AppState, State
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> JSONResponse:
+    if not state.ready:
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
+    models = [m.model_id for m in (state.images, state.chat) if m is not None]
+    problem = state.storage_problem()
+    if problem is not None:  # serving, but a balancer should send new work elsewhere
+        return JSONResponse({"status": "storage", "detail": problem, "models": models},
+                            status_code=503, headers={"Retry-After": "30"})
+    return JSONResponse({"status": "ready", "models": models})
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    """Prometheus text format. No key, as Prometheus expects: it holds counts, not
+    secrets (no key names, no prompts)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=[Depends(authenticate)])
+async def list_models(request: Request, state: State) -> dict[str, Any]:
+    """The OpenAI model list; the google-genai SDK (3.x calls /v1) gets Gemini's."""
+    if google_client(request.headers):
+        return {"models": gemini.gemini_models(state)}
+    return {"object": "list", "data": _openai_models(state, caller_of(request).admin)}
+
+
+@router.get("/v1/models/{model}", dependencies=[Depends(authenticate)])
+async def get_model(model: str, request: Request, state: State) -> dict[str, Any]:
+    if google_client(request.headers):
+        return gemini.gemini_model(state, model)
+    for entry in _openai_models(state, caller_of(request).admin):
+        if entry["id"] == model:
+            return entry
+    raise model_not_found(model)
+
+
+def _openai_models(state: AppState, admin: bool) -> list[dict[str, Any]]:
+    """Where the weights live on disk is the operator's business: the admin key sees the
+    path, a team's key (or anyone, on an open server) only which weights they are."""
+    data = []
+    for local in (state.images, state.chat):
+        if local is None:
+            continue
+        snap = local.batcher.snapshot()
+        about: dict[str, Any] = {
+            "weights": local.weights.label,
+            "source": local.weights.source,
+            "engine": local.description,
+            "queued": snap.queued,
+            "items_per_s": snap.items_per_s,
+        }
+        if admin:
+            about["path"] = str(local.weights.path)
+        data.append({
+            "id": local.model_id,
+            "object": "model",
+            "created": int(local.weights.path.stat().st_mtime),
+            "owned_by": "spillway",
+            "spillway": about,
+        })
+    return data

@@ -1,0 +1,106 @@
+"""The local vision-language model: its batcher, and streaming from the device thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipelines.registry import WeightsInfo
+from pipelines.vlm import ChatItem, ChatResult
+from server.errors import queue_full, shutting_down
+from server.providers.local.batcher import (
+    Batcher,
+    BatchPolicy,
+    Closed,
+    QueueFull,
+    Timing,
+    from_batch_failure,
+    timing_of,
+)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    text: str = ""
+    result: ChatResult | None = None  # set on the last event
+    timing: Timing | None = None
+
+
+class LocalChat:
+    def __init__(self, model_id: str, weights: WeightsInfo,
+                 generate: Callable[[list[ChatItem]], list[ChatResult]],
+                 count_tokens: Callable[[ChatItem], int], context_length: int,
+                 policy: BatchPolicy, timeout_s: float, description: str = "") -> None:
+        self.model_id = model_id
+        self.weights = weights
+        self.description = description
+        self.count_tokens = count_tokens
+        self.context_length = context_length
+        self.timeout_s = timeout_s
+        self.batcher: Batcher[ChatItem, ChatResult] = Batcher(model_id, generate, policy,
+                                                              default_item_s=1.0)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def _submit(self, item: ChatItem, bulk: bool = False
+                ) -> tuple[asyncio.Future[ChatResult], concurrent.futures.Future[ChatResult]]:
+        try:
+            (future,) = self.batcher.submit([item], self.timeout_s, bulk=bulk)
+        except QueueFull as exc:
+            raise queue_full(exc.retry_after_s) from exc
+        except Closed as exc:
+            raise shutting_down() from exc
+        return asyncio.wrap_future(future), future
+
+    async def complete(self, item: ChatItem, *, bulk: bool = False
+                       ) -> tuple[ChatResult, Timing | None]:
+        waiting, future = self._submit(item, bulk)
+        try:
+            return await waiting, timing_of(future)
+        except asyncio.CancelledError:
+            waiting.cancel()  # the client left: a queued item never reaches the device
+            raise
+        except Exception as exc:
+            raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
+
+    async def stream(self, item: ChatItem, *, bulk: bool = False
+                     ) -> AsyncIterator[StreamEvent]:
+        """Admit now (errors raise before any byte is sent), then yield text as it comes."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_text(text: str) -> None:  # called on the device thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        gone = threading.Event()
+        waiting, future = self._submit(replace(item, on_text=on_text, cancel=gone), bulk)
+        return self._drain(waiting, future, pieces, gone)
+
+    async def _drain(self, waiting: asyncio.Future[ChatResult],
+                     future: concurrent.futures.Future[ChatResult], pieces: asyncio.Queue[str],
+                     gone: threading.Event) -> AsyncIterator[StreamEvent]:
+        try:
+            while not waiting.done() or not pieces.empty():
+                getter: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
+                both: list[asyncio.Future[Any]] = [getter, waiting]
+                await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield StreamEvent(text=getter.result())
+                else:
+                    getter.cancel()
+            try:
+                result = waiting.result()
+            except Exception as exc:
+                raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
+            yield StreamEvent(result=result, timing=timing_of(future))
+        finally:
+            waiting.cancel()  # no-op when done; drops the item if the client left early
+            gone.set()  # and if it is already running, its row stops at the next token

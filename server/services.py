@@ -1,0 +1,101 @@
+"""What the app holds while it runs, reachable from routes as a dependency."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.errors import APIError
+from server.media.budget import PixelBudget
+from server.ops.metrics import Metrics
+from server.providers.local.chat import LocalChat
+from server.providers.local.images import LocalImages
+from server.routing.dispatch import Dispatcher
+from server.store.image_store import ImageStore
+from server.store.keys import KeyStore
+from server.store.quotas import Quotas
+from server.store.storage import free_bytes
+
+if TYPE_CHECKING:
+    from server.batches.service import BatchService
+    from server.ops.dashboard_reads import DashboardReads
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: ImageStore
+    images: LocalImages | None = None
+    chat: LocalChat | None = None
+    chat_enabled: bool = True
+    images_enabled: bool = True
+    load_error: str | None = None
+    loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+    dispatcher: Dispatcher | None = None
+    keys: KeyStore | None = None
+    quotas: Quotas | None = None
+    shutting_down: bool = False
+    batches: BatchService | None = None
+    dashboard_reads: DashboardReads | None = None  # made on the first GET /v1/dashboard
+    metrics: Metrics = field(default_factory=Metrics, repr=False)
+    # Decoded image pixels all requests hold at once (media.max_decoding_pixels); None
+    # bounds nothing, for code that runs without an app.
+    pixels: PixelBudget | None = None
+
+    def require_dispatcher(self) -> Dispatcher:
+        if self.dispatcher is None:
+            raise self.not_ready()
+        return self.dispatcher
+
+    @property
+    def ready(self) -> bool:
+        if self.shutting_down:
+            return False
+        return ((self.images is not None or not self.images_enabled)
+                and (self.chat is not None or not self.chat_enabled))
+
+    def storage_problem(self) -> str | None:
+        """What /readyz says is wrong with storage: ledger rows that could not be written
+        (held in memory until they can), or too little free space. Unauthenticated, so
+        no paths and no database text."""
+        ledger = self.dispatcher.ledger if self.dispatcher is not None else None
+        if ledger is not None and ledger.write_error is not None:
+            return (f"the ledger cannot be written; {ledger.held} rows are held in memory "
+                    "until it can")
+        if self.batches is not None:
+            free = free_bytes(self.batches.files_dir)
+            if free is not None and free < self.settings.storage_min_free_mb * 2**20:
+                return (f"{free // 2**20} MiB free where batch files are stored, below "
+                        f"storage_min_free_mb ({self.settings.storage_min_free_mb})")
+        return None
+
+    def not_ready(self) -> APIError:
+        message = ("The model is still loading." if self.load_error is None
+                   else "The model failed to load; see the server log.")
+        return APIError(503, message, type="server_error", code="model_not_ready",
+                        headers={"Retry-After": "5"})
+
+    def local_images(self) -> LocalImages:
+        if self.images is None:
+            raise self.not_ready()
+        return self.images
+
+    def local_chat(self) -> LocalChat:
+        if not self.chat_enabled:
+            raise APIError(404, "No vision-language model is enabled on this server.",
+                           param="model", code="model_not_found")
+        if self.chat is None:
+            raise self.not_ready()
+        return self.chat
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.spillway
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]

@@ -1,0 +1,214 @@
+"""`spillway bench`: figures, not assertions.
+
+``compare`` serves one loaded pipeline twice over real loopback HTTP, once behind the
+batcher and once one request at a time (max_batch=1), with the same clients and load,
+and prints both side by side. ``sweep`` times the pipeline alone per batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+
+from pipelines.base import ImageItem
+from server import catalog
+from server.app import batch_policy, create_app, load_engine, load_vlm
+from server.config import Settings
+from server.providers.local.batcher import BatchPolicy
+from server.providers.local.chat import LocalChat
+from server.providers.local.images import LocalImages
+from server.wire.openai_images import parse_size
+
+
+@dataclass(frozen=True)
+class Result:
+    mode: str
+    images: int
+    wall_s: float
+    latencies_s: list[float]
+    mean_batch: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bench_settings(settings: Settings, size: str) -> Settings:
+    width, height = (int(v) for v in size.lower().split("x"))
+    images = settings.images.model_copy(update={
+        "min_side": min(settings.images.min_side, width, height),
+        "max_side": max(settings.images.max_side, width, height)})
+    return settings.model_copy(update={"images": images})
+
+
+async def _load(port: int, clients: int, requests: int, path: str, body: dict[str, object]
+                ) -> tuple[float, list[float]]:
+    import httpx
+
+    latencies: list[float] = []
+    todo = iter(range(2 * clients))  # warm-up: connections opened, shapes measured
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for _ in todo:
+            t0 = time.perf_counter()
+            r = await http.post(path, json=body)
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                                 limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        latencies.clear()
+        todo = iter(range(requests))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return time.perf_counter() - t0, latencies
+
+
+def _load_in_process(port: int, clients: int, requests: int, path: str,
+                     body: dict[str, object]) -> tuple[float, list[float]]:
+    return asyncio.run(_load(port, clients, requests, path, body))
+
+
+def _run_mode(mode: str, settings: Settings, local: LocalImages | LocalChat, clients: int,
+              requests: int, body: dict[str, object]) -> Result:
+    port = _free_port()
+    if isinstance(local, LocalImages):
+        app, path = create_app(settings, loader=lambda _: local, chat_loader=None), \
+            "/v1/images/generations"
+    else:
+        app, path = create_app(settings, loader=None, chat_loader=lambda _: local), \
+            "/v1/chat/completions"
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        before = local.batcher.snapshot()
+        # The clients run in their own process, as real clients do: they do not take the
+        # server's interpreter lock.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            wall, latencies = pool.submit(_load_in_process, port, clients, requests, path,
+                                          body).result()
+        after = local.batcher.snapshot()
+    finally:
+        server.should_exit = True
+        thread.join()
+    warm_batches = after.batches - before.batches
+    mean_batch = (after.items_done - before.items_done) / max(1, warm_batches)
+    return Result(mode, requests, wall, latencies, mean_batch)
+
+
+def compare(settings: Settings, *, clients: int, requests: int, size: str, steps: int) -> None:
+    settings = _bench_settings(settings, size)
+    width, height = parse_size(size, settings.images)
+    engine, weights = load_engine(settings)
+    body: dict[str, object] = {"prompt": "a red bicycle", "size": f"{width}x{height}",
+                               "steps": steps, "response_format": "b64_json"}
+    modes = [("batched", batch_policy(settings)),
+             ("one-at-a-time", BatchPolicy(max_batch=1, max_queue=settings.batch.max_queue))]
+    results = []
+    for mode, policy in modes:
+        local = LocalImages(catalog.IMAGE_MODEL, weights, engine.text2img, policy,
+                            settings.batch.default_timeout_s)
+        results.append(_run_mode(mode, settings, local, clients, requests, body))
+    print(f"spillway bench: {weights.label} on {engine.device.type} "
+          f"({str(engine.pipe.dtype).removeprefix('torch.')}, {engine.attention}), "
+          f"{width}x{height}, {steps} step(s), {clients} clients, {requests} requests per mode, "
+          f"torch threads {torch.get_num_threads()}")
+    _table(results, "images/s")
+
+
+def _table(results: list[Result], unit: str) -> None:
+    print(f"{'mode':<15}{unit:>12}{'p50 ms':>10}{'p95 ms':>10}{'mean batch':>12}")
+    for r in results:
+        print(f"{r.mode:<15}{r.images_per_s:>12.1f}{r.pct(0.5):>10.0f}{r.pct(0.95):>10.0f}"
+              f"{r.mean_batch:>12.1f}")
+    print(f"batched / one-at-a-time: {results[0].images_per_s / results[1].images_per_s:.2f}x "
+          f"{unit}")
+
+
+def compare_chat(settings: Settings, *, clients: int, requests: int, max_tokens: int,
+                 image_side: int = 512) -> None:
+    """Vision chat: one image (a photo-sized noise PNG) and a question per request."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    model, weights = load_vlm(settings)
+    noise = np.random.default_rng(0).integers(0, 256, (image_side, image_side, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body: dict[str, object] = {
+        "model": catalog.VLM_MODEL, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Describe this image."},
+            {"type": "image_url", "image_url": {"url": url}}]}]}
+    v = settings.vlm
+    modes = [("batched", v.max_batch), ("one-at-a-time", 1)]
+    results = []
+    for mode, max_batch in modes:
+        policy = BatchPolicy(max_batch=max_batch, max_batch_pixels=2**62,
+                             max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
+        local = LocalChat(catalog.VLM_MODEL, weights, model.generate,
+                          lambda item: model.count_prompt_tokens(item.messages, item.images),
+                          model.context_length, policy, v.timeout_s)
+        results.append(_run_mode(mode, settings, local, clients, requests, body))
+    print(f"spillway bench --chat: {weights.label} on {model.device.type} "
+          f"({str(model.model.dtype).removeprefix('torch.')}), {image_side}x{image_side} image, "
+          f"up to {max_tokens} output tokens, {clients} clients, {requests} requests per mode, "
+          f"torch threads {torch.get_num_threads()}")
+    _table(results, "requests/s")
+
+
+def sweep(settings: Settings, batch_sizes: list[int], size: str, steps: int,
+          repeats: int = 5) -> None:
+    """The pipeline alone (no HTTP), one call per batch, median of ``repeats`` calls."""
+    settings = _bench_settings(settings, size)
+    width, height = parse_size(size, settings.images)
+    engine, weights = load_engine(settings)
+    cuda = engine.device.type == "cuda"
+    name = torch.cuda.get_device_name(engine.device) if cuda else "cpu"
+    print(f"spillway bench --sweep: {weights.label} on {name} "
+          f"({str(engine.pipe.dtype).removeprefix('torch.')}, {engine.attention}), "
+          f"{width}x{height}, {steps} step(s), median of {repeats}")
+    print(f"{'batch':>6}{'ms/batch':>11}{'images/s':>10}")
+    for b in batch_sizes:
+        items = [ImageItem(f"prompt {i}", i, width, height, steps) for i in range(b)]
+        engine.text2img(items)  # warm-up: kernels chosen, memory allocated
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.text2img(items)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        print(f"{b:>6}{med * 1000:>11.1f}{b / med:>10.1f}")

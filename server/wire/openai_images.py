@@ -1,0 +1,180 @@
+"""Wire models (OpenAI images API) and their conversion to and from jobs."""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import time
+from dataclasses import replace
+from typing import Any, Literal
+
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from server.config import ImageSettings
+from server.errors import bad_request
+from server.job import ImageJob
+from server.wire import safejson
+
+MAX_PROMPT_CHARS = 32000
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+# SDXL-Turbo gets sharper with a few more steps; quality names map onto them.
+QUALITY_STEPS = {"low": 1, "standard": 1, "medium": 2, "high": 4, "hd": 4}
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+
+
+class WireModel(BaseModel):
+    """A request body that FastAPI (or a batch line) parsed: the whole input passes
+    ``safejson.check`` first. JSON allows ``"\\ud800"``, which pydantic lets through a
+    plain ``str`` and no encoder, database or tokenizer takes; a body nested deeper than
+    any request needs is refused before anything walks it. One check over every string,
+    nested ones and dict keys included, so no field can be forgotten."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json(cls, data: Any) -> Any:
+        try:
+            safejson.check(data)
+        except safejson.JSONError as exc:
+            # A ValidationError raised here keeps its own location: the path safejson
+            # found ("messages[0].content"), which the error handler names as the param.
+            error = PydanticCustomError("invalid_text", "{message}",
+                                        {"message": exc.message.rstrip(".")})
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=error, loc=(exc.path,) if exc.path else (), input=None)]) from None
+        return data
+
+
+class ImageGenerationRequest(WireModel):
+    # Unknown fields are ignored, as newer SDKs add parameters (moderation, style...).
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int | None = Field(1, ge=1, le=10)
+    size: str | None = "auto"
+    quality: Quality | None = "auto"
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    stream: bool | None = None
+    user: str | None = None
+    # Spillway extensions
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=4)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the prompt is empty")
+        return v
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """The scalar fields of images/edits (multipart strings arrive coerced)."""
+
+    strength: float | None = Field(None, ge=0.25, le=1.0)  # extension; 4 steps x 0.25 = 1
+
+
+def edit_size(size: str | None, source: tuple[int, int], limits: ImageSettings
+              ) -> tuple[int, int]:
+    """``auto`` keeps the source's aspect within the bounds, sides rounded to 8."""
+    if size not in (None, "", "auto"):
+        return parse_size(size, limits)
+    w, h = source
+    scale = min(1.0, limits.max_side / max(w, h))
+    scale = max(scale, limits.min_side / min(w, h))
+    return tuple(  # type: ignore[return-value]
+        min(limits.max_side, max(limits.min_side, round(side * scale / 8) * 8)) for side in (w, h))
+
+
+def fit_source(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An edit's source at the output size: cropped to its aspect, then resized. Pixel
+    work: call it in the decoding worker thread (media.decode_image's ``fit``)."""
+    return ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+
+
+def to_edit_job(req: ImageEditRequest, model: str, limits: ImageSettings,
+                sources: list[Image.Image]) -> ImageJob:
+    """Sources are fitted (cropped to the aspect, then resized) to the output size."""
+    base = to_image_job(req.model_copy(update={"size": "auto"}), model, limits)
+    width, height = edit_size(req.size, sources[0].size, limits)
+    strength = req.strength or limits.default_strength
+    needed = math.ceil(1 / strength - 1e-9)
+    steps = req.steps or max(needed, QUALITY_STEPS.get(base.quality, limits.default_steps))
+    if steps * strength < 1:
+        raise bad_request(f"steps x strength = {steps} x {strength:g} is below 1, so no "
+                          "denoising step would run; raise one of them.", param="strength")
+    # Sources from intake (routes/images.py edit_sources) come fitted already.
+    fitted = [im if im.size == (width, height) else fit_source(im, (width, height))
+              for im in sources]
+    return replace(base, width=width, height=height, steps=min(steps, 4), init_images=fitted,
+                   strength=strength)
+
+
+def parse_size(size: str | None, limits: ImageSettings) -> tuple[int, int]:
+    text = limits.default_size if size in (None, "", "auto") else str(size)
+    m = _SIZE.match(text)
+    if not m:
+        raise bad_request(f"Invalid size {size!r}: use 'auto' or 'WIDTHxHEIGHT', e.g. '512x512'.",
+                          param="size")
+    width, height = int(m.group(1)), int(m.group(2))
+    for side in (width, height):
+        if not limits.min_side <= side <= limits.max_side:
+            raise bad_request(f"Invalid size {size!r}: each side must be within "
+                              f"{limits.min_side}..{limits.max_side}.", param="size")
+        if side % 8:
+            raise bad_request(f"Invalid size {size!r}: each side must be a multiple of 8.",
+                              param="size")
+    return width, height
+
+
+def seeds_for(seed: int | None, n: int) -> list[int]:
+    """A given seed s makes images s, s+1, ...; no seed draws fresh ones."""
+    if seed is None:
+        return [secrets.randbelow(2**32) for _ in range(n)]
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def to_image_job(req: ImageGenerationRequest, model: str, limits: ImageSettings) -> ImageJob:
+    if req.stream:
+        raise bad_request("Streaming image generation is not supported; omit 'stream'.",
+                          param="stream", code="unsupported_value")
+    if req.background == "transparent":
+        raise bad_request("Transparent backgrounds are not supported by this model.",
+                          param="background", code="unsupported_value")
+    width, height = parse_size(req.size, limits)
+    quality = req.quality or "auto"
+    steps = req.steps or QUALITY_STEPS.get(quality, limits.default_steps)
+    n = req.n or 1
+    return ImageJob(
+        model=model,
+        prompt=req.prompt,
+        seeds=seeds_for(req.seed, n),
+        width=width,
+        height=height,
+        steps=steps,
+        quality=quality,
+        response_format=req.response_format or "b64_json",
+        output_format=req.output_format or "png",
+        output_compression=req.output_compression,
+        user=req.user,
+    )
+
+
+def images_response(job: ImageJob, data: list[dict[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": job.output_format,
+        "size": f"{job.width}x{job.height}",
+    }
+    if job.quality in ("low", "medium", "high"):
+        body["quality"] = job.quality
+    return body
