@@ -15,10 +15,10 @@ from pipelines.base import pick_device
 from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
 from pipelines.vlm import VisionLanguageModel
-from server import errors
 from server.batches.service import BatchService
 from server.config import Settings
-from server.http.auth import authenticate, is_closed
+from server.http import errors
+from server.http.deps import authenticate
 from server.http.routes import batches, chat, dashboard, gemini, images, ops, usage, web
 from server.media.budget import PixelBudget
 from server.ops.metrics import Metrics
@@ -28,6 +28,7 @@ from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
 from server.routing.dispatch import Dispatcher
 from server.services import AppState
+from server.serving import Serving
 from server.store.image_store import ImageStore
 from server.store.keys import KeyStore
 from server.store.ledger import Ledger
@@ -117,8 +118,8 @@ def build_providers(settings: Settings) -> dict[str, CloudProvider]:
 
 
 async def _say_auth_mode(state: AppState) -> None:
-    """Open or closed, the operator hears it at startup (server/http/auth.py is_closed)."""
-    if await is_closed(state):
+    """Open or closed, the operator hears it at startup (AppState.is_closed)."""
+    if await state.is_closed():
         keys = state.keys.list() if state.keys is not None else []
         active = sum(k.active for k in keys)
         log.info("auth: an API key is required (admin key %s; %d team keys active, %d "
@@ -179,8 +180,12 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
         state.dispatcher.on_record = state.metrics.observe_row
         state.keys = KeyStore(ledger)
         state.quotas = Quotas(ledger)
+        state.serving = Serving.build(settings, state.dispatcher, state.quotas, state.pixels,
+                                      chat_enabled=state.chat_enabled)
         await _say_auth_mode(state)
-        state.batches = BatchService(state)
+        state.batches = BatchService(
+            settings, state.serving, state.keys,
+            lambda: not state.shutting_down and (state.ready or state.load_error is not None))
         await state.batches.start()
         log.info("cloud providers: %s; ledger: %s",
                  ", ".join(state.dispatcher.providers) or "none (local only)",

@@ -36,3 +36,24 @@ class ImageJob:
                           init_image=sources[i % len(sources)] if sources else None,
                           strength=self.strength if sources else 0.0)
                 for i, seed in enumerate(self.seeds)]
+
+
+@dataclass
+class Served:
+    """What the response headers and the ledger say about where a job ran."""
+
+    route: str
+    reason: str
+    cost_usd: float = 0.0
+    cloud_equivalent_usd: float = 0.0
+    queue_ms: float = 0.0
+    device_s: float = 0.0
+    upstream_model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        return {"x-spillway-route": self.route,
+                "x-spillway-cost-usd": f"{self.cost_usd:.6f}",
+                "x-spillway-queue-ms": str(round(self.queue_ms))}

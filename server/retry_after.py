@@ -3,7 +3,7 @@
 Every answer that says when to come back (a full queue, a rate-limited or failing
 upstream) gets its headers from ``retry_headers``, so every one of them stays within what
 clients honour; the Gemini rendering's ``RetryInfo.retryDelay`` is read from the same
-``Retry-After`` (server/errors.py ``gemini_body``).
+``Retry-After`` (server/wire/gemini.py ``gemini_body``).
 """
 
 from __future__ import annotations

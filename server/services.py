@@ -1,12 +1,12 @@
-"""What the app holds while it runs, reachable from routes as a dependency."""
+"""The container: what the app holds while it runs. Built by server/app.py and read by
+server/http/ (``deps.State``); nothing below them imports it: every other part is handed
+the collaborators it needs."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
-
-from fastapi import Depends, Request
+from typing import TYPE_CHECKING
 
 from server.config import Settings
 from server.errors import APIError
@@ -15,6 +15,7 @@ from server.ops.metrics import Metrics
 from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
 from server.routing.dispatch import Dispatcher
+from server.serving import Serving
 from server.store.image_store import ImageStore
 from server.store.keys import KeyStore
 from server.store.quotas import Quotas
@@ -36,6 +37,7 @@ class AppState:
     load_error: str | None = None
     loaders: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
     dispatcher: Dispatcher | None = None
+    serving: Serving | None = None  # made with the dispatcher
     keys: KeyStore | None = None
     quotas: Quotas | None = None
     shutting_down: bool = False
@@ -45,6 +47,20 @@ class AppState:
     # Decoded image pixels all requests hold at once (media.max_decoding_pixels); None
     # bounds nothing, for code that runs without an app.
     pixels: PixelBudget | None = None
+
+    def require_serving(self) -> Serving:
+        if self.serving is None:
+            raise self.not_ready()
+        return self.serving
+
+    async def is_closed(self) -> bool:
+        """Keys are needed once any is configured: the admin key, or a team key ever made
+        (revoking the last one does not open the server). Fails closed until the key
+        store is up."""
+        if self.settings.admin_key is not None:
+            return True
+        keys = self.keys
+        return keys is None or await asyncio.to_thread(keys.any_keys)
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:
@@ -91,11 +107,3 @@ class AppState:
         if self.chat is None:
             raise self.not_ready()
         return self.chat
-
-
-def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.spillway
-    return state
-
-
-State = Annotated[AppState, Depends(get_state)]

@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 
 from server.batches.store import OPEN, BatchRow, FileRow, Store, file_object, fsync_dir, not_found
 from server.errors import APIError, bad_request
-from server.http.auth import Caller
+from server.serving.accounting import Caller
 from server.wire import safejson
 
 # Upload limits: the defaults of BatchService's parameters. The middleware lets a

@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -33,12 +33,12 @@ from server.batches.store import (
     request_counts,
 )
 from server.batches.worker import CONCURRENCY, Worker
+from server.config import Settings
 from server.errors import bad_request
-from server.http.auth import Caller
+from server.serving import Serving
+from server.serving.accounting import Caller
+from server.store.keys import KeyStore
 from server.wire import safejson
-
-if TYPE_CHECKING:
-    from server.services import AppState
 
 COMPLETION_WINDOWS: Mapping[str, int] = {"24h": 24 * 3600}
 MAX_METADATA_KEYS = 16
@@ -49,13 +49,13 @@ class BatchService:
     The limits are read at each request: ``max_file_bytes`` and ``max_file_lines`` (on
     ``files``) per upload, ``completion_windows`` (name -> seconds) per batch."""
 
-    def __init__(self, state: AppState, *, url: str | None = None,
+    def __init__(self, settings: Settings, serving: Serving, keys: KeyStore,
+                 models_settled: Callable[[], bool], *, url: str | None = None,
                  files_dir: Path | None = None, concurrency: int = CONCURRENCY,
                  stop_wait_s: float | None = None, max_file_bytes: int = MAX_FILE_BYTES,
                  max_file_lines: int = MAX_FILE_LINES,
                  completion_windows: Mapping[str, int] | None = None) -> None:
-        self.state = state
-        self.settings = state.settings
+        self.settings = settings
         self.concurrency = concurrency
         self.stop_wait_s = (min(self.settings.shutdown_grace_s, 60.0) if stop_wait_s is None
                             else stop_wait_s)
@@ -66,8 +66,8 @@ class BatchService:
         self.files_dir = self.store.files_dir
         self.files = Files(self.store, max_bytes=max_file_bytes, max_lines=max_file_lines)
         self.lease = Lease(self.store)
-        self.worker = Worker(self.store, self.lease, state, concurrency=concurrency,
-                             stop_wait_s=self.stop_wait_s)
+        self.worker = Worker(self.store, self.lease, serving, keys, models_settled,
+                             concurrency=concurrency, stop_wait_s=self.stop_wait_s)
         self._beat_task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------

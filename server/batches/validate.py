@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import delete, insert, select
@@ -30,21 +31,12 @@ from server.batches.store import (
 )
 from server.config import MediaSettings
 from server.errors import APIError, bad_request
-from server.http.routes.chat import check_chat_model
-from server.http.routes.images import check_image_model
-from server.media import intake as media
+from server.media import intake
+from server.serving import Serving
+from server.serving.images import check_edit
 from server.wire import safejson
-from server.wire.openai_chat import ChatRequest, max_tokens_of, parse_messages, stop_strings
-from server.wire.openai_images import (
-    MAX_SEED,
-    ImageEditRequest,
-    ImageGenerationRequest,
-    parse_size,
-    to_image_job,
-)
-
-if TYPE_CHECKING:
-    from server.services import AppState
+from server.wire.openai_chat import ChatRequest
+from server.wire.openai_images import MAX_SEED, ImageEditRequest, ImageGenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +68,36 @@ def pydantic_message(exc: ValidationError) -> tuple[str, str | None]:
     return (f"Invalid value for {loc!r}: {msg}." if loc else f"{msg}."), (loc or None)
 
 
+@dataclass(frozen=True)
+class Line:
+    """A batch line's body as its typed request: what validation checks and the worker
+    runs, both parsed by the one ``typed`` (an edit's sources are the URLs it names)."""
+
+    chat: ChatRequest | None = None
+    image: ImageGenerationRequest | None = None  # an ImageEditRequest for /v1/images/edits
+    sources: list[str] = field(default_factory=list)
+
+
+def typed(endpoint: str, body: dict[str, Any], media: MediaSettings) -> Line:
+    if endpoint == CHAT:
+        return Line(chat=ChatRequest.model_validate(body))
+    if endpoint == GENERATIONS:
+        return Line(image=ImageGenerationRequest.model_validate(body))
+    fields = dict(body)
+    sources = edit_refs(fields.pop("images", None), media)
+    if "mask" in fields:
+        raise bad_request("Masks (inpainting) are not supported.", param="mask",
+                          code="unsupported_value")
+    return Line(image=ImageEditRequest.model_validate(fields), sources=sources)
+
+
 class Validator:
     """Turns a batch's input file into its items and rejects, once (a restart that finds a
     batch still ``validating`` does it again: the rows are replaced, not added to)."""
 
-    def __init__(self, store: Store, state: AppState) -> None:
+    def __init__(self, store: Store, serving: Serving) -> None:
         self.store = store
-        self.state = state
+        self.serving = serving
 
     def pending(self) -> list[str]:
         with self.store.read() as s:
@@ -106,7 +121,7 @@ class Validator:
                     if not raw.strip():
                         continue
                     try:
-                        items.append(check_line(n, raw, batch, seen, self.state))
+                        items.append(check_line(n, raw, batch, seen, self.serving))
                     except Reject as bad:
                         rejects.append({"batch_id": batch_id, "line": n,
                                         "line_id": new_line_id(),
@@ -150,7 +165,7 @@ class Validator:
         log.info("batch %s: %d requests, %d bad lines", batch_id, len(items), len(rejects))
 
 
-def check_line(n: int, raw: bytes, batch: BatchRow, seen: dict[str, int], state: AppState
+def check_line(n: int, raw: bytes, batch: BatchRow, seen: dict[str, int], serving: Serving
                ) -> dict[str, Any]:
     """One input line -> the row of its pending item, or ``Reject`` with its reason."""
     try:
@@ -183,7 +198,7 @@ def check_line(n: int, raw: bytes, batch: BatchRow, seen: dict[str, int], state:
     if not isinstance(body, dict):
         raise Reject("invalid_body", "body must be a JSON object.", custom_id)
     try:
-        body = check_body(batch.endpoint, body, batch.id, custom_id, state)
+        body = check_body(batch.endpoint, body, batch.id, custom_id, serving)
     except APIError as err:
         raise Reject(err.code or "invalid_request", err.message, custom_id) from err
     except ValidationError as exc:
@@ -194,36 +209,18 @@ def check_line(n: int, raw: bytes, batch: BatchRow, seen: dict[str, int], state:
 
 
 def check_body(endpoint: str, body: dict[str, Any], batch_id: str, custom_id: str,
-               state: AppState) -> dict[str, Any]:
-    """The endpoint's own checks, short of fetching images; image bodies get a seed."""
-    settings = state.settings
-    if endpoint == CHAT:
-        chat = ChatRequest.model_validate(body)
-        if chat.stream:
-            raise bad_request("Streaming is not available in a batch; omit 'stream'.",
-                              param="stream", code="unsupported_value")
-        check_chat_model(state, chat.model)
-        parsed = parse_messages(chat.messages)
-        media.check_count(len(parsed.images), settings.media, param="messages")
-        max_tokens_of(chat, settings.vlm.default_max_tokens, settings.vlm.max_tokens_cap)
-        stop_strings(chat.stop)
+               serving: Serving) -> dict[str, Any]:
+    """The endpoint's own checks (the serving layer's), short of fetching images; image
+    bodies get a seed."""
+    line = typed(endpoint, body, serving.images.settings.media)
+    if line.chat is not None:
+        serving.chat.check(line.chat, batch=True)
         return body
-    if endpoint == GENERATIONS:
-        gen = ImageGenerationRequest.model_validate(body)
-        check_image_model(gen.model)
-        to_image_job(gen, gen.model or "auto", settings.images)
+    assert line.image is not None
+    if isinstance(line.image, ImageEditRequest):
+        check_edit(line.image, serving.images.settings)
     else:
-        fields = dict(body)
-        edit_refs(fields.pop("images", None), settings.media)
-        if "mask" in fields:
-            raise bad_request("Masks (inpainting) are not supported.", param="mask",
-                              code="unsupported_value")
-        edit = ImageEditRequest.model_validate(fields)
-        check_image_model(edit.model)
-        to_image_job(edit.model_copy(update={"size": "auto"}), edit.model or "auto",
-                     settings.images)
-        if edit.size not in (None, "", "auto"):
-            parse_size(edit.size, settings.images)
+        serving.images.generation_job(line.image)
     if body.get("seed") is None:
         body = {**body, "seed": item_seed(batch_id, custom_id)}
     return body
@@ -235,5 +232,5 @@ def edit_refs(raw: Any, settings: MediaSettings) -> list[str]:
             isinstance(r, dict) and isinstance(r.get("image_url"), str) for r in raw):
         raise bad_request("images must be a non-empty list of {\"image_url\": ...}.",
                           param="images")
-    media.check_count(len(raw), settings, param="images")
+    intake.check_count(len(raw), settings, param="images")
     return [str(r["image_url"]) for r in raw]

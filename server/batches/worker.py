@@ -21,13 +21,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select, update
 
-from pipelines.vlm import ChatResult
 from server.batches.finalize import advance, fail_batch, finalize
 from server.batches.lease import Lease
 from server.batches.store import (
-    CHAT,
     DONE,
-    GENERATIONS,
     IN_PROGRESS,
     ITEM_FAILED,
     PENDING,
@@ -37,29 +34,20 @@ from server.batches.store import (
     Store,
     rowcount,
 )
-from server.batches.validate import Validator, edit_refs
+from server.batches.validate import Validator, typed
 from server.errors import APIError, server_error
-from server.http.auth import Caller, reserve_quota, settle_quota
-from server.http.routes.chat import chat_job_from
-from server.http.routes.images import edit_sources
-from server.providers.base import OutImage
-from server.store.keys import ADMIN_OWNER
-from server.store.ledger import UsageRow
-from server.store.quotas import Reservation
+from server.serving import Serving
+from server.serving.accounting import ADMIN, Account, Caller
+from server.serving.chat import result_of
+from server.store.keys import ADMIN_OWNER, KeyStore
 from server.store.storage import is_transient_storage
-from server.wire.openai_chat import ChatRequest, completion_body, completion_id
-from server.wire.openai_images import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    images_response,
-    to_edit_job,
-    to_image_job,
-)
+from server.wire.openai_chat import completion_body, completion_id
+from server.wire.openai_images import ImageEditRequest, images_response
 
 if TYPE_CHECKING:
     from server.job import ImageJob
-    from server.routing.dispatch import BeforeSend, Served
-    from server.services import AppState
+    from server.providers.base import OutImage
+    from server.routing.dispatch import BeforeSend
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,15 +64,6 @@ class Abandoned(Exception):
     """Storage still refused when the worker stopped: the item is left to the next start."""
 
 
-@dataclass
-class Run:
-    """What running one item learnt about its owner: the name its ledger row shows and
-    the quota it reserved (settled when the item ends)."""
-
-    key_name: str | None = None
-    reservation: Reservation | None = None
-
-
 @dataclass(frozen=True)
 class Claimed:
     id: int
@@ -99,14 +78,18 @@ class Claimed:
 class Worker:
     """One loop per process that holds the lease; up to ``concurrency`` items in flight."""
 
-    def __init__(self, store: Store, lease: Lease, state: AppState, *,
-                 concurrency: int = CONCURRENCY, stop_wait_s: float = 60.0) -> None:
+    def __init__(self, store: Store, lease: Lease, serving: Serving, keys: KeyStore,
+                 models_settled: Callable[[], bool], *, concurrency: int = CONCURRENCY,
+                 stop_wait_s: float = 60.0) -> None:
+        """``models_settled``: the models are loaded (or failed to) and the server is not
+        stopping, so items may be claimed."""
         self.store = store
         self.lease = lease
         self.holder = store.holder
-        self.state = state
-        self.settings = state.settings
-        self.validator = Validator(store, state)
+        self.serving = serving
+        self.keys = keys
+        self.models_settled = models_settled
+        self.validator = Validator(store, serving)
         self.concurrency = concurrency
         self.stop_wait_s = stop_wait_s
         self._stopping = False
@@ -149,10 +132,6 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    def _models_settled(self) -> bool:
-        state = self.state
-        return not state.shutting_down and (state.ready or state.load_error is not None)
-
     async def _loop(self) -> None:
         while not self._stopping:
             try:
@@ -180,7 +159,7 @@ class Worker:
         for batch_id, final in await asyncio.to_thread(advance, self.store):
             await self._guarded(batch_id, "finalizing", finalize, self.store, batch_id, final)
         slots = self.concurrency - len(self._inflight)
-        if slots > 0 and self._models_settled() and not self._stopping:
+        if slots > 0 and self.models_settled() and not self._stopping:
             for item in await asyncio.to_thread(self._claim, slots):
                 task = asyncio.create_task(self._execute(item), name=f"batch-item-{item.id}")
                 self._inflight[item.id] = task
@@ -284,24 +263,27 @@ class Worker:
             job, data), request_id="req_" + uuid.uuid4().hex)
 
     async def _execute(self, item: Claimed) -> None:
-        started = time.monotonic()
         sent: list[str] = []
-        dispatcher = self.state.require_dispatcher()
 
         async def before_send(provider: str, model: str) -> None:
             # The dispatcher may try a second cloud after a failure: never for a batch item.
             if sent or not await self._stored(self._record_send, item.id, provider, model):
-                dispatcher.breakers[provider].release()
                 raise APIError(502, "This batch request was already sent upstream once (or "
                                "is no longer this worker's); it is not sent again.",
                                type="server_error", code="upstream_send_refused")
             sent.append(provider)
 
-        run = Run(key_name=item.owner if item.owner == ADMIN_OWNER else None)
+        # Until the owner's key is looked up, the row names no key (admin's is "admin").
+        caller = (ADMIN if item.owner == ADMIN_OWNER else Caller(None, item.owner))
+        account = Account(item.url, str(item.body.get("model") or "auto"),
+                          Caller(caller.name, caller.owner, caller.admin, bulk=True),
+                          request_id=f"{item.batch_id}/{item.custom_id}"[:128],
+                          origin="batch")
+        accounting = self.serving.accounting
         try:
-            served, images_made, model = await self._perform(item, before_send, run)
+            await self._perform(item, before_send, account)
         except (asyncio.CancelledError, Abandoned):
-            await settle_quota(self.state, run.reservation, 0, 0.0)
+            await accounting.release(account)
             raise
         except APIError as err:
             if (not sent and err.status in TRANSIENT and err.code != "insufficient_quota"
@@ -311,13 +293,13 @@ class Worker:
                     delay = min(MAX_BACKOFF_S,
                                 max(delay, float(err.headers.get("Retry-After", ""))))
                 await self._stored(self._retry_later, item.id, delay)
-                await settle_quota(self.state, run.reservation, 0, 0.0)
+                await accounting.release(account)
                 return
             await self._stored(self._finish, item.id, state=ITEM_FAILED,
                                status_code=err.status, response=err.body(),
                                error_code=err.code, request_id="req_" + uuid.uuid4().hex)
-            await self._account(item, run, None, 0, err.status, started,
-                                str(item.body.get("model") or "auto"))
+            account.failed(err)
+            await self._close(account)
             return
         except Exception as exc:
             log.exception("batch item %s/%s failed", item.batch_id, item.custom_id)
@@ -325,9 +307,17 @@ class Worker:
             await self._stored(self._finish, item.id, state=ITEM_FAILED, status_code=500,
                                response=failure.body(), error_code=failure.code,
                                request_id="req_" + uuid.uuid4().hex)
-            await settle_quota(self.state, run.reservation, 0, 0.0)
+            await accounting.release(account)
             return
-        await self._account(item, run, served, images_made, 200, started, model)
+        await self._close(account)
+
+    async def _close(self, account: Account) -> None:
+        """One ledger row per finished item, as the HTTP endpoint writes, and its quota
+        counted as used."""
+        try:
+            await self.serving.accounting.close(account)
+        except Exception:
+            log.exception("could not write the ledger row of a batch item")
 
     def _retry_later(self, item_id: int, delay: float) -> None:
         with self.store.write() as s:
@@ -338,86 +328,44 @@ class Worker:
                       .execution_options(synchronize_session=False))
             s.commit()
 
-    async def _check_owner(self, item: Claimed, run: Run, images: int, usd: float
-                           ) -> None:
-        """The key that made the batch: still active; its daily quota reserved. The
-        admin key's batches (and an open server's) run unmetered."""
+    async def _check_owner(self, item: Claimed, account: Account) -> None:
+        """The key that made the batch must still be active; its quota is then reserved
+        as its HTTP requests' is. The admin key's batches (and an open server's) run
+        unmetered."""
         if item.owner is None or item.owner == ADMIN_OWNER:
             return
-        keys = self.state.keys
-        info = None if keys is None else await asyncio.to_thread(keys.by_owner, item.owner)
+        info = await asyncio.to_thread(self.keys.by_owner, item.owner)
         if info is None or not info.active:
             shown = f"{info.name!r} " if info is not None else ""
             raise APIError(401, f"The API key {shown}that made this batch has been revoked.",
                            code="invalid_api_key")
-        run.key_name = info.name
-        caller = Caller(info.name, info.owner, bulk=True, key=info)
-        run.reservation = await reserve_quota(self.state, caller, images, usd)
+        account.caller = Caller.of_key(info, bulk=True)
 
-    async def _perform(self, item: Claimed, before_send: BeforeSend, run: Run
-                       ) -> tuple[Served, int, str]:
-        """Run one item; store its answer. Returns (served, images made, model asked)."""
-        dispatcher = self.state.require_dispatcher()
-        settings = self.settings
-        body = item.body
-        if item.url == CHAT:
-            chat = ChatRequest.model_validate(body)
-            job = await chat_job_from(chat, self.state)
-            await self._check_owner(item, run, 0, dispatcher.cost_ceiling(job))
-            outcome, served = await dispatcher.chat(job, ITEM_DEADLINE_S, bulk=True,
-                                                    before_send=before_send)
-            result = ChatResult(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
-                                outcome.completion_tokens)
-            answer = completion_body(completion_id(), chat.model, result)
+    async def _perform(self, item: Claimed, before_send: BeforeSend, account: Account
+                       ) -> None:
+        """Run one item through the serving layer, as its endpoint would; store its
+        answer."""
+        serving = self.serving
+        line = typed(item.url, item.body, serving.images.settings.media)
+        if line.chat is not None:
+            chat = await serving.chat.job_from(line.chat)
+            await self._check_owner(item, account)
+            outcome, _ = await serving.chat.run(account, chat, ITEM_DEADLINE_S,
+                                                before_send=before_send)
+            answer = completion_body(completion_id(), line.chat.model, result_of(outcome))
             await self._stored(self._finish, item.id, state=DONE, status_code=200,
                                response=answer, request_id="req_" + uuid.uuid4().hex)
-            return served, 0, chat.model
-        image_job: ImageJob
-        if item.url == GENERATIONS:
-            gen = ImageGenerationRequest.model_validate(body)
-            image_job = to_image_job(gen, gen.model or "auto", settings.images)
-        else:
-            fields = dict(body)
-            refs = edit_refs(fields.pop("images", None), settings.media)
-            edit = ImageEditRequest.model_validate(fields)
+            return
+        assert line.image is not None
+        job: ImageJob
+        if isinstance(line.image, ImageEditRequest):
             # The intake the HTTP route uses: off the event loop, fitted, within the
             # pixel budget (a 429 intake_busy here is retried like a full queue).
-            sources = await edit_sources(self.state, edit, [
-                (ref, f"images[{i}]") for i, ref in enumerate(refs)])
-            image_job = to_edit_job(edit, edit.model or "auto", settings.images, sources)
-            gen = edit
-        await self._check_owner(item, run, image_job.n, dispatcher.cost_ceiling(image_job))
-        images, served = await dispatcher.images(image_job, ITEM_DEADLINE_S, bulk=True,
-                                                 before_send=before_send)
-        await self._stored(self._store_images, item.id, image_job, images)
-        return served, len(images), gen.model or "auto"
-
-    async def _account(self, item: Claimed, run: Run, served: Served | None, images: int,
-                       status: int, started: float, model: str) -> None:
-        """One ledger row per finished item, as the HTTP endpoint would write, and its
-        quota counted as used."""
-        ok = served is not None
-        await settle_quota(self.state, run.reservation, images if ok else 0,
-                           served.cost_usd if served else 0.0)
-        dispatcher = self.state.dispatcher
-        if dispatcher is None:
-            return
-        row = UsageRow(
-            endpoint=item.url, model=model, route=served.route if served else "none",
-            upstream_model=served.upstream_model if served else None,
-            outcome="ok" if ok else ("rejected" if status in (400, 404, 413, 429) else "error"),
-            status=status, images=images if ok else 0,
-            prompt_tokens=served.prompt_tokens if served else 0,
-            completion_tokens=served.completion_tokens if served else 0,
-            device_seconds=served.device_s if served else 0.0,
-            cost_usd=served.cost_usd if served else 0.0,
-            cloud_equivalent_usd=served.cloud_equivalent_usd if served else 0.0,
-            latency_ms=(time.monotonic() - started) * 1000,
-            queue_ms=served.queue_ms if served else 0.0,
-            request_id=f"{item.batch_id}/{item.custom_id}"[:128], key_name=run.key_name,
-            key_id=item.owner,
-            reason=f"batch:{served.reason}" if served else "batch")
-        try:
-            await dispatcher.record(row)
-        except Exception:
-            log.exception("could not write the ledger row of a batch item")
+            job = await serving.images.edit_job(line.image, [
+                (ref, f"images[{i}]") for i, ref in enumerate(line.sources)])
+        else:
+            job = serving.images.generation_job(line.image)
+        await self._check_owner(item, account)
+        images, _ = await serving.images.run(account, job, ITEM_DEADLINE_S,
+                                             before_send=before_send)
+        await self._stored(self._store_images, item.id, job, images)

@@ -14,7 +14,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, error_response
+from server.errors import APIError
+from server.http.errors import error_response
 from server.ops import access_log
 
 log = logging.getLogger(__name__)

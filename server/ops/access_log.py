@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from server.routing.dispatch import Served
+    from server.job import Served
 
 
 class Accounted(Protocol):

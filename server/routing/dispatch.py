@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -20,11 +20,11 @@ from pipelines.vlm import ChatItem
 from server.catalog import CLOUDS, Task, cloud_of, local_chat_model, local_ids
 from server.config import Settings
 from server.errors import APIError
-from server.job import ImageJob
+from server.job import ImageJob, Served
 from server.providers import pricing
 from server.providers.base import ChatJob, ChatOutcome, CloudProvider, OutImage, ProviderError
 from server.providers.local.batcher import Timing
-from server.providers.local.chat import LocalChat
+from server.providers.local.chat import LocalChat, StreamEvent
 from server.providers.local.images import LocalImages
 from server.providers.openai import nearest_size
 from server.retry_after import retry_headers
@@ -38,25 +38,12 @@ T = TypeVar("T")
 BeforeSend = Callable[[str, str], Awaitable[None]]  # (provider, upstream model)
 
 
-@dataclass
-class Served:
-    """What the response headers and the ledger say about where a job ran."""
+@dataclass(frozen=True)
+class LocalStream:
+    """A chat answer streamed token by token from the local model, and why it runs here."""
 
-    route: str
+    events: AsyncIterator[StreamEvent]
     reason: str
-    cost_usd: float = 0.0
-    cloud_equivalent_usd: float = 0.0
-    queue_ms: float = 0.0
-    device_s: float = 0.0
-    upstream_model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def headers(self) -> dict[str, str]:
-        return {"x-spillway-route": self.route,
-                "x-spillway-cost-usd": f"{self.cost_usd:.6f}",
-                "x-spillway-queue-ms": str(round(self.queue_ms))}
 
 
 class _Skip(Exception):
@@ -173,8 +160,12 @@ class Dispatcher:
             raise _Skip(f"{model} rate limit")
         if before_send is not None:
             # Durable batch items write down that they are about to go upstream, so a
-            # restart never sends one twice.
-            await before_send(provider, model)
+            # restart never sends one twice. One that may not go frees its circuit slot.
+            try:
+                await before_send(provider, model)
+            except BaseException:
+                breaker.release()
+                raise
         try:
             result = await call()
         except ProviderError as exc:
@@ -267,6 +258,19 @@ class Dispatcher:
         outcome = ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
                               result.completion_tokens, local.model_id, 0.0)
         return outcome, self.local_chat_served(route.reason, job, outcome, timing)
+
+    async def stream_chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False
+                          ) -> LocalStream | tuple[ChatOutcome, Served]:
+        """Token by token when the job stays local; else the whole answer (a cloud's, or
+        local after a cloud failed), as ``chat`` gives it."""
+        local = self.chat_local
+        if local is not None:
+            route, _ = self.route_chat(job, deadline_s, bulk)
+            if route.where == "local":
+                item = to_item(job)
+                await check_context(local, item)
+                return LocalStream(await local.stream(item, bulk=bulk), route.reason)
+        return await self.chat(job, deadline_s, bulk=bulk)
 
     def local_chat_served(self, reason: str, job: ChatJob, outcome: ChatOutcome,
                           timing: Timing | None) -> Served:

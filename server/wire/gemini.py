@@ -19,7 +19,7 @@ from typing import Any
 from pipelines.vlm import ChatResult, Message
 from server.catalog import Listed, gemini_image_by_name
 from server.config import ImageSettings
-from server.errors import APIError, bad_request, gemini_body
+from server.errors import APIError, bad_request
 from server.wire.openai_chat import ImageRef, text_value
 
 ROLES = {"user": "user", "model": "assistant"}
@@ -308,3 +308,28 @@ class GeminiChunks:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
+                  429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                  501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+                  507: "UNAVAILABLE"}
+
+
+def gemini_body(err: APIError) -> dict[str, Any]:
+    """``{error: {code, message, status}}``; a 429 carries RetryInfo, as Google's does."""
+    body: dict[str, Any] = {"code": err.status, "message": err.message,
+                            "status": _GOOGLE_STATUS.get(err.status, "UNKNOWN")}
+    details: list[dict[str, Any]] = []
+    retry = err.headers.get("Retry-After")
+    if err.status == 429 and retry is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": f"{retry}s"})
+    if err.code is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": err.code.upper(), "domain": "spillway",
+                        "metadata": {"param": err.param} if err.param else {}})
+    if details:
+        body["details"] = details
+    return {"error": body}

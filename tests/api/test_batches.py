@@ -25,10 +25,11 @@ from server.app import create_app
 from server.batches.service import BatchService
 from server.batches.validate import item_seed
 from server.config import BatchSettings, Settings
-from server.services import AppState
-from server.store.image_store import ImageStore
+from server.routing.dispatch import Dispatcher
+from server.serving import Serving
 from server.store.keys import KeyStore
 from server.store.ledger import Ledger
+from server.store.quotas import Quotas
 from tests.conftest import serve
 
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
@@ -376,7 +377,10 @@ def test_one_worker_per_database(tiny_weights: Path, tmp_path: Path) -> None:
     settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db")
 
     def service() -> BatchService:
-        return BatchService(AppState(settings, ImageStore(60, 2**20)))
+        ledger = Ledger(settings.ledger_url)
+        serving = Serving.build(settings, Dispatcher(settings, {}, ledger), Quotas(ledger),
+                                None, chat_enabled=False)
+        return BatchService(settings, serving, KeyStore(ledger), lambda: False)
 
     a, b = service(), service()
     assert a.lease.acquire() and not b.lease.acquire()

@@ -23,7 +23,7 @@ from PIL import Image
 
 from server.app import create_app
 from server.config import Settings
-from server.errors import is_gemini_path
+from server.http.errors import is_gemini_path
 from tests.conftest import serve
 
 DEEP = 100_000

@@ -18,9 +18,9 @@ from server.batches.files import MAX_FILE_BYTES, UPLOAD_SLACK_BYTES
 from server.batches.service import BatchService
 from server.batches.store import file_object
 from server.errors import APIError, bad_request
-from server.http.auth import caller_of
+from server.http.deps import State, caller_of
 from server.http.middleware import RequestContext
-from server.services import AppState, State
+from server.services import AppState
 from server.wire.openai_images import WireModel
 
 router = APIRouter()

@@ -1,88 +1,68 @@
-"""POST /v1/chat/completions, answered by the local vision-language model."""
+"""POST /v1/chat/completions, answered by the local vision-language model or a cloud."""
 
 from __future__ import annotations
 
-import functools
-
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
-from PIL import Image
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from pipelines.vlm import ChatResult, fit_pixels
-from server import catalog
-from server.http.routes.chat_run import run_chat_job, stream_chat
-from server.http.routes.common import (
+from server.http.deps import (
+    ClientGone,
+    State,
+    accounted,
     deadline_s,
+    new_account,
+    unless_disconnected,
 )
-from server.media import intake as media
-from server.providers.base import ChatJob
-from server.services import AppState, State
-from server.wire.openai_chat import (
-    ChatRequest,
-    ImageRef,
-    OpenAIChunks,
-    completion_body,
-    completion_id,
-    max_tokens_of,
-    parse_messages,
-    stop_strings,
-)
+from server.job import Served
+from server.providers.base import ChatJob, ChatOutcome
+from server.serving import Serving
+from server.serving.chat import StreamFormat, result_of
+from server.wire.openai_chat import ChatRequest, OpenAIChunks, completion_body, completion_id
 
 router = APIRouter()
 
 
-def check_chat_model(state: AppState, model: str) -> None:
-    """The catalog's answer for this server's aliases and whether its VLM is enabled."""
-    catalog.check_chat_model(model, state.settings.vlm.aliases,
-                             chat_enabled=state.chat_enabled)
+async def run_chat(request: Request, serving: Serving, endpoint: str, model: str,
+                   job: ChatJob, deadline: float) -> tuple[ChatOutcome, Served] | None:
+    """Route, run and account for a whole chat answer; ``None`` when the client left
+    first (its queued work is cancelled)."""
+    async with accounted(request, serving, endpoint, model) as account:
+        try:
+            return await unless_disconnected(request, serving.chat.run(account, job,
+                                                                       deadline))
+        except ClientGone:
+            return None
 
 
-async def load_images(refs: list[ImageRef], state: AppState) -> list[Image.Image]:
-    """Each image decoded and scaled to its detail's pixels in one worker-thread step,
-    within the server's pixel budget (the full-size pixels never outlive that step)."""
-    settings = state.settings
-    detail_pixels = settings.vlm.detail_pixels
-
-    def fit_for(ref: ImageRef) -> media.Fit:
-        return functools.partial(fit_pixels, max_pixels=detail_pixels.get(
-            ref.detail, detail_pixels["auto"]))
-
-    return await media.load_all(
-        media.load_image(ref.url, settings.media, param=ref.param, budget=state.pixels,
-                         fit=fit_for(ref)) for ref in refs)
-
-
-async def chat_job_from(body: ChatRequest, state: AppState) -> ChatJob:
-    """Check a chat request and take its images in; shared with durable batch jobs."""
-    # 1. Cheap checks first: nothing is fetched or decoded for a request that will fail.
-    check_chat_model(state, body.model)
-    parsed = parse_messages(body.messages)
-    media.check_count(len(parsed.images), state.settings.media, param="messages")
-    vlm = state.settings.vlm
-    max_tokens = max_tokens_of(body, vlm.default_max_tokens, vlm.max_tokens_cap)
-    stops = stop_strings(body.stop)
-    # 2. Images in, through the one intake path.
-    images = await load_images(parsed.images, state)
-    temperature = 1.0 if body.temperature is None else body.temperature
-    return ChatJob(body.model, parsed.messages, images, max_tokens, temperature,
-                   body.top_p or 1.0, stops, body.seed)
+async def stream_chat(request: Request, serving: Serving, endpoint: str, model: str,
+                      job: ChatJob, fmt: StreamFormat, deadline: float) -> Response:
+    """Token by token when it runs locally, one event when a cloud answers; the stream
+    closes the request's account when it ends."""
+    account = new_account(request, endpoint, model)
+    try:
+        stream = await unless_disconnected(request, serving.chat.stream(account, job, fmt,
+                                                                        deadline))
+    except ClientGone:
+        return Response(status_code=499)
+    return StreamingResponse(stream.lines, media_type="text/event-stream",
+                             headers=stream.headers)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, state: State) -> Response:
-    state.require_dispatcher()  # 503 while starting, before any image is fetched
-    job = await chat_job_from(body, state)
+    serving = state.require_serving()  # 503 while starting, before any image is fetched
+    job = await serving.chat.job_from(body)
     deadline = deadline_s(request, state)
     cid = completion_id()
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    endpoint = "/v1/chat/completions"
     if body.stream:
-        fmt = OpenAIChunks(cid, body.model, include_usage)
-        return await stream_chat(request, state, job, fmt, "/v1/chat/completions",
-                                 body.model, deadline)
-    ran = await run_chat_job(request, state, "/v1/chat/completions", body.model, job, deadline)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await stream_chat(request, serving, endpoint, body.model, job,
+                                 OpenAIChunks(cid, body.model, include_usage), deadline)
+    ran = await run_chat(request, serving, endpoint, body.model, job, deadline)
     if ran is None:
         return Response(status_code=499)
     outcome, served = ran
-    result = ChatResult(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
-                        outcome.completion_tokens)
-    return JSONResponse(completion_body(cid, body.model, result), headers=served.headers())
+    return JSONResponse(completion_body(cid, body.model, result_of(outcome)),
+                        headers=served.headers())
+

@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from server.http.auth import caller_of
+from server.http.deps import State, caller_of
 from server.ops import dashboard
 from server.ops.dashboard_reads import DashboardReads
-from server.services import AppState, State
+from server.services import AppState
 
 router = APIRouter()
 

@@ -17,13 +17,12 @@ from pydantic import ValidationError
 
 from server import catalog
 from server.errors import APIError, bad_request
-from server.http.routes.chat import check_chat_model, load_images
-from server.http.routes.chat_run import run_chat_job, stream_chat
-from server.http.routes.common import deadline_s
-from server.http.routes.images import edit_sources, json_body, run_image_job
-from server.media import intake as media
+from server.http.deps import State, deadline_s, json_body
+from server.http.routes.chat import run_chat, stream_chat
+from server.http.routes.images import run_image_job
+from server.media import intake
 from server.providers.base import ChatJob
-from server.services import AppState, State
+from server.services import AppState
 from server.wire.gemini import (
     GeminiAsk,
     GeminiChunks,
@@ -38,8 +37,6 @@ from server.wire.gemini import (
 from server.wire.openai_images import (
     ImageEditRequest,
     ImageGenerationRequest,
-    to_edit_job,
-    to_image_job,
 )
 
 router = APIRouter()
@@ -69,6 +66,7 @@ def _validated(model: type[ImageGenerationRequest], **fields: object) -> ImageGe
 
 async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
                   endpoint: str) -> Response:
+    serving = state.require_serving()
     model = _model(state, asked, image=True)
     catalog.check_image_model(model)
     if not ask.prompt.strip():
@@ -79,16 +77,15 @@ async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
     fields = {"prompt": ask.prompt, "n": cfg.candidate_count, "seed": cfg.seed,
               "response_format": "b64_json", "output_format": "png"}
     if ask.sources:  # image(s) in, image out: an edit of the first source(s)
-        media.check_count(len(ask.sources), state.settings.media, param="contents")
+        intake.check_count(len(ask.sources), state.settings.media, param="contents")
         edit = _validated(ImageEditRequest, **fields,
                           size=size if cfg.aspect_ratio else "auto")
         assert isinstance(edit, ImageEditRequest)
-        sources = await edit_sources(state, edit, [(ref.url, ref.param)
-                                                   for ref in ask.sources])
-        job = to_edit_job(edit, model, limits, sources)
+        job = await serving.images.edit_job(edit, [(ref.url, ref.param)
+                                                   for ref in ask.sources], model)
     else:
-        job = to_image_job(_validated(ImageGenerationRequest, **fields, size=size), model,
-                           limits)
+        job = serving.images.generation_job(
+            _validated(ImageGenerationRequest, **fields, size=size), model)
     ran = await run_image_job(request, state, endpoint, job, model=asked)
     if ran is None:
         return Response(status_code=499)
@@ -98,9 +95,10 @@ async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
 
 
 async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
+    chat = state.require_serving().chat
     model = _model(state, asked, image=False)
-    check_chat_model(state, model)
-    media.check_count(len(ask.sources), state.settings.media, param="contents")
+    chat.check_model(model)
+    intake.check_count(len(ask.sources), state.settings.media, param="contents")
     cfg, vlm = ask.config, state.settings.vlm
     if cfg.candidate_count > 1:
         raise bad_request("candidateCount above 1 is supported for images only.",
@@ -109,7 +107,7 @@ async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
     if max_tokens > vlm.max_tokens_cap:
         raise bad_request(f"maxOutputTokens is {max_tokens}; this server allows at most "
                           f"{vlm.max_tokens_cap}.", param="generationConfig.maxOutputTokens")
-    images = await load_images(ask.sources, state)
+    images = await chat.load_images(ask.sources)
     return ChatJob(model, ask.messages, images, max_tokens,
                    1.0 if cfg.temperature is None else cfg.temperature,
                    1.0 if cfg.top_p is None else cfg.top_p, cfg.stop, cfg.seed)
@@ -118,7 +116,8 @@ async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
 async def _text(request: Request, state: AppState, asked: str, ask: GeminiAsk,
                 endpoint: str) -> Response:
     job = await _chat_job(state, asked, ask)
-    ran = await run_chat_job(request, state, endpoint, asked, job, deadline_s(request, state))
+    ran = await run_chat(request, state.require_serving(), endpoint, asked, job,
+                         deadline_s(request, state))
     if ran is None:
         return Response(status_code=499)
     out, served = ran
@@ -130,8 +129,8 @@ async def _text(request: Request, state: AppState, asked: str, ask: GeminiAsk,
 async def _stream(request: Request, state: AppState, asked: str, ask: GeminiAsk,
                   endpoint: str) -> Response:
     job = await _chat_job(state, asked, ask)
-    return await stream_chat(request, state, job, GeminiChunks(asked, response_id()),
-                             endpoint, asked, deadline_s(request, state))
+    return await stream_chat(request, state.require_serving(), endpoint, asked, job,
+                             GeminiChunks(asked, response_id()), deadline_s(request, state))
 
 
 def gemini_models(state: AppState) -> list[dict[str, Any]]:

@@ -3,37 +3,30 @@
 from __future__ import annotations
 
 import base64
-import functools
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from server.catalog import check_image_model as check_image_model  # batches import it here
 from server.errors import APIError, bad_request
-from server.http.auth import caller_of
-from server.http.routes.common import ClientGone, accounted, deadline_s, unless_disconnected
-from server.job import ImageJob
-from server.media import intake as media
-from server.providers.base import OutImage
-from server.routing.dispatch import Served
-from server.services import AppState, State
-from server.wire import safejson
-from server.wire.openai_images import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    edit_size,
-    fit_source,
-    images_response,
-    parse_size,
-    to_edit_job,
-    to_image_job,
+from server.http.deps import (
+    ClientGone,
+    State,
+    accounted,
+    caller_of,
+    deadline_s,
+    json_body,
+    unless_disconnected,
 )
+from server.job import ImageJob, Served
+from server.media import intake
+from server.providers.base import OutImage
+from server.services import AppState
+from server.wire.openai_images import ImageEditRequest, ImageGenerationRequest, images_response
 
 router = APIRouter()
 # The ids of `url` images are 144 random bits: the URL itself is the credential, so a
@@ -43,8 +36,7 @@ public_router = APIRouter()
 
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerationRequest, request: Request, state: State) -> Response:
-    check_image_model(body.model)
-    job = to_image_job(body, body.model or "auto", state.settings.images)
+    job = state.require_serving().images.generation_job(body)
     return await _run(request, state, "/v1/images/generations", job)
 
 
@@ -52,18 +44,13 @@ async def run_image_job(request: Request, state: AppState, endpoint: str, job: I
                         model: str | None = None) -> tuple[list[OutImage], Served] | None:
     """Route, run and account for an image job (one ledger row, under ``model`` if given);
     ``None`` when the client left first (its queued work is cancelled)."""
-    dispatcher = state.require_dispatcher()
-    async with accounted(request, state, endpoint, model or job.model, job.n,
-                         dispatcher.cost_ceiling(job)) as account:
+    serving = state.require_serving()
+    async with accounted(request, serving, endpoint, model or job.model) as account:
         try:
-            images, served = await unless_disconnected(
-                request, dispatcher.images(job, deadline_s(request, state),
-                                           bulk=account.bulk))
+            return await unless_disconnected(request, serving.images.run(
+                account, job, deadline_s(request, state)))
         except ClientGone:
-            account.status, account.outcome = 499, "cancelled"
             return None
-        account.served = served
-        return images, served
 
 
 async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) -> Response:
@@ -102,15 +89,6 @@ async def get_image(image_id: str, state: State) -> Response:
                     headers={"Cache-Control": f"private, max-age={ttl}"})
 
 
-async def json_body(request: Request) -> Any:
-    """A JSON body we parse ourselves (not through a pydantic model): ``safejson``, so
-    deep nesting and lone surrogates are a 400 naming where, never a RecursionError."""
-    try:
-        return safejson.parse(await request.body())
-    except safejson.JSONError as exc:
-        raise bad_request(exc.message, param=exc.path, code="invalid_json") from None
-
-
 async def _edit_inputs(request: Request, state: AppState
                        ) -> tuple[ImageEditRequest, list[bytes | str]]:
     """Multipart (``image`` / repeated ``image[]`` files) or JSON (``images[].image_url``)."""
@@ -145,7 +123,7 @@ async def _edit_inputs(request: Request, state: AppState
                           code="unsupported_value")
     if not sources:
         raise bad_request("images/edits needs at least one image.", param="image")
-    media.check_count(len(sources), state.settings.media, param="image")
+    intake.check_count(len(sources), state.settings.media, param="image")
     try:
         req = ImageEditRequest.model_validate(fields)
     except ValidationError as exc:
@@ -153,40 +131,11 @@ async def _edit_inputs(request: Request, state: AppState
     return req, sources
 
 
-async def edit_sources(state: AppState, req: ImageEditRequest,
-                       sources: list[tuple[bytes | str, str]]) -> list[Image.Image]:
-    """The images of an edit, (upload bytes or URL, param) each: decoded and fitted to the
-    output size in one worker-thread step, within the pixel budget. Unless ``size`` names
-    the output size, the first image's shape decides it, so that one goes first. Shared
-    with the Gemini API and batch lines."""
-    limits, media_settings = state.settings.images, state.settings.media
-
-    async def load(source: bytes | str, param: str, fit: media.Fit) -> Image.Image:
-        if isinstance(source, bytes):
-            return await media.decode_image(source, media_settings, param=param,
-                                            budget=state.pixels, fit=fit)
-        return await media.load_image(source, media_settings, param=param,
-                                      budget=state.pixels, fit=fit)
-
-    first: list[Image.Image] = []
-    rest = sources
-    if req.size in (None, "", "auto"):
-        (source, param), rest = sources[0], sources[1:]
-        first.append(await load(source, param, lambda im: fit_source(
-            im, edit_size(req.size, im.size, limits))))
-        size = first[0].size
-    else:
-        size = parse_size(req.size, limits)  # before any decoding: a bad size is cheap
-    fit = functools.partial(fit_source, size=size)
-    return first + await media.load_all(load(src, param, fit) for src, param in rest)
-
-
 @router.post("/v1/images/edits")
 async def edit_image(request: Request, state: State) -> Response:
+    serving = state.require_serving()  # 503 while starting, before any image is decoded
     req, sources = await _edit_inputs(request, state)
-    check_image_model(req.model)
     params = [("image" if len(sources) == 1 else f"image[{i}]") if isinstance(src, bytes)
               else f"images[{i}]" for i, src in enumerate(sources)]
-    images = await edit_sources(state, req, list(zip(sources, params, strict=True)))
-    job = to_edit_job(req, req.model or "auto", state.settings.images, images)
+    job = await serving.images.edit_job(req, list(zip(sources, params, strict=True)))
     return await _run(request, state, "/v1/images/edits", job)

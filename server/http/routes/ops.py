@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.errors import google_client, model_not_found
-from server.http.auth import authenticate, caller_of
+from server.errors import model_not_found
+from server.http.deps import State, authenticate, caller_of
+from server.http.errors import google_client
 from server.http.routes import gemini
 from server.ops.metrics import CONTENT_TYPE_LATEST
-from server.services import AppState, State
+from server.services import AppState
 
 router = APIRouter()
 

@@ -10,8 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from server.errors import bad_request
-from server.http.auth import caller_of
-from server.services import State
+from server.http.deps import State, caller_of
 from server.store.ledger import GROUPS
 
 router = APIRouter()

@@ -1,0 +1,168 @@
+"""Who asked, what it may spend, and the one ledger row every request or batch item ends
+with: the accounting both the HTTP routes and the Batch API worker use.
+
+A request's ``Account`` is made by whoever owns its lifetime (``server/http/deps.py``, the
+batch worker), filled in by the serving entries (what ran where, or how it failed), and
+closed once by its owner: ``close`` writes its row and counts its quota as used;
+``release`` gives the quota back with no row (a batch item that will be re-run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from server.errors import APIError
+from server.job import Served
+from server.store.keys import ADMIN_OWNER, KeyInfo
+from server.store.ledger import UsageRow
+from server.store.quotas import Limits, QuotaExceeded, Quotas, Reservation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str | None  # what logs and listings show: the key's name, "admin"; None: open
+    owner: str | None = None  # who owns what it makes (server/store/keys.py): never a name
+    admin: bool = False
+    bulk: bool = False  # the key's priority
+    key: KeyInfo | None = None
+
+    @staticmethod
+    def of_key(info: KeyInfo, *, bulk: bool | None = None) -> Caller:
+        return Caller(info.name, info.owner, key=info,
+                      bulk=info.priority == "bulk" if bulk is None else bulk)
+
+
+OPEN = Caller(None)
+ADMIN = Caller(ADMIN_OWNER, ADMIN_OWNER, admin=True)
+
+
+@dataclass
+class Account:
+    """One request's (or batch item's) ledger row in the making."""
+
+    endpoint: str
+    model: str
+    caller: Caller = OPEN
+    images: int = 0
+    request_id: str | None = None
+    origin: str | None = None  # "batch": the row's reason says so
+    served: Served | None = None
+    status: int = 200
+    outcome: str = "ok"
+    started: float = field(default_factory=time.monotonic)
+    reservation: Reservation | None = None  # of the key's quota, settled at the end
+
+    @property
+    def bulk(self) -> bool:
+        return self.caller.bulk
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok" and self.served is not None
+
+    def failed(self, err: APIError) -> None:
+        self.status = err.status
+        self.outcome = "rejected" if err.status in (400, 404, 413, 429) else "error"
+
+    def cancelled(self) -> None:
+        self.status, self.outcome = 499, "cancelled"
+
+
+def row_for(account: Account) -> UsageRow:
+    served = account.served
+    ok = account.ok
+    if account.origin is None:
+        reason = served.reason if served else None
+    else:
+        reason = f"{account.origin}:{served.reason}" if served else account.origin
+    return UsageRow(
+        endpoint=account.endpoint, model=account.model,
+        route=served.route if served else "none",
+        upstream_model=served.upstream_model if served else None,
+        outcome=account.outcome, status=account.status,
+        images=account.images if ok else 0,
+        prompt_tokens=served.prompt_tokens if served else 0,
+        completion_tokens=served.completion_tokens if served else 0,
+        device_seconds=served.device_s if served else 0.0,
+        cost_usd=served.cost_usd if served and ok else 0.0,
+        cloud_equivalent_usd=served.cloud_equivalent_usd if served and ok else 0.0,
+        latency_ms=(time.monotonic() - account.started) * 1000,
+        queue_ms=served.queue_ms if served else 0.0,
+        request_id=account.request_id,
+        key_name=account.caller.name,
+        key_id=account.caller.owner,
+        reason=reason,
+    )
+
+
+def quota_busy() -> APIError:
+    return APIError(503, "The key's quota counter is too busy; retry.", type="server_error",
+                    code="quota_busy", headers={"Retry-After": "1"})
+
+
+class Accounting:
+    """Quota reservations and ledger rows. ``record`` writes one row (the dispatcher's,
+    which also keeps today's spend and tells the observers)."""
+
+    def __init__(self, quotas: Quotas, record: Callable[[UsageRow], Awaitable[None]]) -> None:
+        self.quotas = quotas
+        self.record = record
+
+    async def reserve(self, account: Account, usd: float = 0.0) -> None:
+        """Reserve the account's images and up to ``usd`` of its key's daily quota before
+        the work runs, or raise 429 ``insufficient_quota`` (the account says so)."""
+        try:
+            account.reservation = await self._reserve(account.caller, account.images, usd)
+        except APIError as err:
+            account.failed(err)
+            raise
+
+    async def _reserve(self, caller: Caller, images: int, usd: float) -> Reservation | None:
+        info = caller.key
+        if info is None or (info.daily_images is None and info.daily_usd is None):
+            return None
+        try:
+            return await asyncio.to_thread(self.quotas.reserve, info.owner,
+                                           Limits(info.daily_images, info.daily_usd),
+                                           images, usd)
+        except QuotaExceeded as exc:
+            if exc.what == "busy":
+                raise quota_busy() from None
+            if exc.what == "images":
+                message = (f"The key {info.name!r} has used {int(exc.used)} of its "
+                           f"{int(exc.limit)} images today; this request needs {images}.")
+            else:
+                message = (f"The key {info.name!r} has spent ${exc.used:.2f} of its "
+                           f"${exc.limit:.2f} today.")
+            raise APIError(429, message, type="insufficient_quota",
+                           code="insufficient_quota") from None
+
+    async def close(self, account: Account) -> None:
+        """The account's ledger row (when it ran or was refused), and its quota counted as
+        used, not reserved."""
+        if account.served is not None or account.status != 200:
+            await self.record(row_for(account))
+        served = account.served
+        await self._settle(account, account.images if account.ok else 0,
+                           served.cost_usd if account.ok and served else 0.0)
+
+    async def release(self, account: Account) -> None:
+        """No row, and the reservation given back: the work will run again."""
+        await self._settle(account, 0, 0.0)
+
+    async def _settle(self, account: Account, images: int, usd: float) -> None:
+        """A failure here leaves the reservation counted (the quota errs towards
+        refusing) and is logged."""
+        reservation, account.reservation = account.reservation, None
+        if reservation is None:
+            return
+        try:
+            await asyncio.to_thread(self.quotas.settle, reservation, images, usd)
+        except Exception:
+            log.exception("could not settle a quota reservation of %s", reservation.owner)

@@ -1,0 +1,105 @@
+"""Images, as both the HTTP routes and the Batch API run them: the request checked and
+turned into a job (edit sources taken in through the one intake path), then routed, run
+and accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from PIL import Image
+
+from server import catalog
+from server.config import Settings
+from server.errors import APIError
+from server.job import ImageJob, Served
+from server.media import intake
+from server.media.budget import PixelBudget
+from server.providers.base import OutImage
+from server.routing.dispatch import BeforeSend, Dispatcher
+from server.serving.accounting import Account, Accounting
+from server.wire.openai_images import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    edit_size,
+    fit_source,
+    parse_size,
+    to_edit_job,
+    to_image_job,
+)
+
+Source = tuple[bytes | str, str]  # upload bytes or a URL, and the param it came in
+
+
+def check_edit(req: ImageEditRequest, settings: Settings) -> None:
+    """An edit's cheap checks, before any image is fetched or decoded."""
+    catalog.check_image_model(req.model)
+    # The job with the source's size left open: every other field checked now.
+    to_image_job(req.model_copy(update={"size": "auto"}), req.model or "auto",
+                 settings.images)
+    if req.size not in (None, "", "auto"):
+        parse_size(req.size, settings.images)
+
+
+class ImageServing:
+    def __init__(self, settings: Settings, dispatcher: Dispatcher, accounting: Accounting,
+                 pixels: PixelBudget | None) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.accounting = accounting
+        self.pixels = pixels
+
+    def generation_job(self, req: ImageGenerationRequest, model: str | None = None
+                       ) -> ImageJob:
+        catalog.check_image_model(model if model is not None else req.model)
+        return to_image_job(req, model or req.model or "auto", self.settings.images)
+
+    async def edit_job(self, req: ImageEditRequest, sources: list[Source],
+                       model: str | None = None) -> ImageJob:
+        catalog.check_image_model(model if model is not None else req.model)
+        images = await self.edit_sources(req, sources)
+        return to_edit_job(req, model or req.model or "auto", self.settings.images, images)
+
+    async def edit_sources(self, req: ImageEditRequest, sources: list[Source]
+                           ) -> list[Image.Image]:
+        """The images of an edit: decoded and fitted to the output size in one worker-
+        thread step, within the pixel budget. Unless ``size`` names the output size, the
+        first image's shape decides it, so that one goes first."""
+        limits, media = self.settings.images, self.settings.media
+
+        async def load(source: bytes | str, param: str, fit: intake.Fit) -> Image.Image:
+            if isinstance(source, bytes):
+                return await intake.decode_image(source, media, param=param,
+                                                 budget=self.pixels, fit=fit)
+            return await intake.load_image(source, media, param=param, budget=self.pixels,
+                                           fit=fit)
+
+        first: list[Image.Image] = []
+        rest = sources
+        if req.size in (None, "", "auto"):
+            (source, param), rest = sources[0], sources[1:]
+            first.append(await load(source, param, lambda im: fit_source(
+                im, edit_size(req.size, im.size, limits))))
+            size = first[0].size
+        else:
+            size = parse_size(req.size, limits)  # before any decoding: a bad size is cheap
+        fit = functools.partial(fit_source, size=size)
+        return first + await intake.load_all(load(src, param, fit) for src, param in rest)
+
+    async def run(self, account: Account, job: ImageJob, deadline_s: float, *,
+                  before_send: BeforeSend | None = None) -> tuple[list[OutImage], Served]:
+        """Reserve the quota, route and run; the account learns what ran where, or how it
+        failed (its owner closes it)."""
+        account.images = job.n
+        await self.accounting.reserve(account, self.dispatcher.cost_ceiling(job))
+        try:
+            images, served = await self.dispatcher.images(job, deadline_s, bulk=account.bulk,
+                                                          before_send=before_send)
+        except APIError as err:
+            account.failed(err)
+            raise
+        except asyncio.CancelledError:
+            account.cancelled()  # the client left (or the server stops): nothing served
+            raise
+        account.served = served
+        return images, served
