@@ -1,31 +1,24 @@
-"""create_app(settings): the FastAPI app, its routes and the lifespan that loads models."""
+"""The composition root: ``create_app(settings)`` builds every part (ledger, dispatcher,
+serving, keys, quotas, the Batch API), wires the observers (``on_batch``, ``on_record``
+into the metrics) and runs the lifespan that loads the models. The only module that knows
+all the parts; the HTTP side is server/http/api.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import torch
-from fastapi import Depends, FastAPI
-
-from pipelines.base import pick_device
-from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
-from pipelines.sdxl_turbo import Limits, SDXLTurbo
-from pipelines.vlm import VisionLanguageModel
 from server.batches.service import BatchService
 from server.config import Settings
-from server.http import errors
-from server.http.deps import authenticate
-from server.http.routes import batches, chat, dashboard, gemini, images, ops, usage, web
+from server.http.api import API, build_api
 from server.media.budget import PixelBudget
-from server.ops.metrics import Metrics
+from server.ops.metrics import Metrics, known_models
 from server.providers.base import CloudProvider
-from server.providers.local.batcher import BatchPolicy
 from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import load_local_chat, load_local_images
 from server.routing.dispatch import Dispatcher
 from server.services import AppState
 from server.serving import Serving
@@ -38,69 +31,6 @@ log = logging.getLogger("spillway")
 
 Loader = Callable[[Settings], LocalImages]
 ChatLoader = Callable[[Settings], LocalChat]
-
-
-def batch_policy(settings: Settings) -> BatchPolicy:
-    b = settings.batch
-    return BatchPolicy(max_batch=b.max_batch, max_batch_pixels=b.max_batch_pixels,
-                       max_wait_s=b.max_wait_ms / 1000, max_queue=b.max_queue)
-
-
-def resolve_weights(settings: Settings) -> WeightsInfo:
-    if settings.sdxl_weights is not None:
-        return describe(settings.sdxl_weights)
-    found = best_weights(settings.weights_dir)
-    if found is None:
-        raise FileNotFoundError(
-            f"no SDXL weights under {settings.weights_dir.resolve()}: run "
-            "`spillway weights tiny` (built-in default) or `spillway weights fetch sdxl-turbo`")
-    return found
-
-
-def _device(settings: Settings) -> torch.device:
-    device = pick_device(settings.device)
-    if device.type == "cpu":
-        # The models' threads would otherwise spin on every core and starve the event
-        # loop that parses requests and encodes images (measured: 124 -> 153 images/s).
-        torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
-    return device
-
-
-def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
-    weights = resolve_weights(settings)
-    limits = Limits(min_side=settings.images.min_side, max_side=settings.images.max_side)
-    device = _device(settings)
-    engine = SDXLTurbo.load(weights.path, device, variant=weights.variant,
-                            xformers=settings.xformers, limits=limits)
-    return engine, weights
-
-
-def load_local_images(settings: Settings) -> LocalImages:
-    engine, weights = load_engine(settings)
-    description = f"{engine.device.type}, {str(engine.pipe.dtype).removeprefix('torch.')}, " \
-                  f"{engine.attention}"
-    return LocalImages(MODEL_ID, weights, engine.run, batch_policy(settings),
-                       settings.batch.default_timeout_s, description)
-
-
-def load_vlm(settings: Settings) -> tuple[VisionLanguageModel, WeightsInfo]:
-    weights = best_weights(settings.weights_dir, VLM)
-    if weights is None:
-        raise FileNotFoundError(
-            f"no vision-language weights under {settings.weights_dir.resolve()}: run "
-            "`spillway weights tiny` (built-in default) or `spillway weights fetch qwen3-vl-4b`")
-    return VisionLanguageModel.load(weights.path, _device(settings)), weights
-
-
-def load_local_chat(settings: Settings) -> LocalChat:
-    model, weights = load_vlm(settings)
-    v = settings.vlm
-    policy = BatchPolicy(max_batch=v.max_batch, max_batch_pixels=2**62,
-                         max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
-    description = f"{model.device.type}, {str(model.model.dtype).removeprefix('torch.')}"
-    return LocalChat(VLM.model_id, weights, model.generate,
-                     lambda item: model.count_prompt_tokens(item.messages, item.images),
-                     model.context_length, policy, v.timeout_s, description)
 
 
 def build_providers(settings: Settings) -> dict[str, CloudProvider]:
@@ -142,7 +72,7 @@ async def _flush_ledger(ledger: Ledger, every_s: float = 5.0) -> None:
 
 
 def create_app(settings: Settings, loader: Loader | None = load_local_images,
-               chat_loader: ChatLoader | None = load_local_chat) -> FastAPI:
+               chat_loader: ChatLoader | None = load_local_chat) -> API:
     """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``);
     ``loader=None`` serves chat only."""
     state = AppState(settings, ImageStore(settings.images.url_ttl_s,
@@ -151,7 +81,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
                      images_enabled=loader is not None,
                      pixels=PixelBudget(settings.media.max_decoding_pixels,
                                         settings.media.decode_wait_s))
-    state.metrics = Metrics.for_app(state)
+    state.metrics = Metrics(known_models(settings), state.live)
 
     async def load(what: str, build: Callable[[Settings], LocalImages | LocalChat]) -> None:
         try:
@@ -174,7 +104,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
                         "spillway weights fetch %s", local.model_id, what)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: API) -> AsyncIterator[None]:
         ledger = Ledger(settings.ledger_url)
         state.dispatcher = Dispatcher(settings, build_providers(settings), ledger)
         state.dispatcher.on_record = state.metrics.observe_row
@@ -216,18 +146,4 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
                 log.error("ledger: %d rows could not be written before exit", ledger.held)
             ledger.close()
 
-    app = FastAPI(title="Spillway", version="0.1.0", lifespan=lifespan)
-    app.state.spillway = state
-    errors.install(app)
-    app.include_router(ops.router)
-    app.include_router(images.public_router)
-    app.include_router(images.router, dependencies=[Depends(authenticate)])
-    app.include_router(chat.router, dependencies=[Depends(authenticate)])
-    app.include_router(usage.router, dependencies=[Depends(authenticate)])
-    app.include_router(dashboard.router, dependencies=[Depends(authenticate)])
-    app.include_router(web.router)  # the page needs no key; the API calls it makes do
-    app.include_router(batches.router, dependencies=[Depends(authenticate)])
-    app.include_router(gemini.router, dependencies=[Depends(authenticate)])
-    # RequestContext, with the Files API's larger body cap on POST /v1/files only.
-    app.add_middleware(batches.UploadBodyLimit, max_body=int(settings.max_body_mb * 2**20))
-    return app
+    return build_api(state, lifespan)

@@ -85,9 +85,9 @@ def generate(prompt: str,
              steps: Annotated[int | None, typer.Option(min=1, max=4)] = None,
              weights_dir: WeightsDir = None) -> None:
     """Make one image in-process, no server needed."""
-    from server.app import load_engine
     from server.errors import APIError
-    from server.providers.local.images import encode_image
+    from server.media.encode import encode_image
+    from server.providers.local.loading import load_engine
     from server.wire.openai_images import parse_size
 
     settings = _settings(weights_dir=weights_dir)

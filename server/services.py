@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from server.config import Settings
 from server.errors import APIError
 from server.media.budget import PixelBudget
+from server.ops.live import Live, Status, read_live
 from server.ops.metrics import Metrics
 from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
@@ -74,6 +75,13 @@ class AppState:
         return ((self.images is not None or not self.images_enabled)
                 and (self.chat is not None or not self.chat_enabled))
 
+    def live(self) -> Live:
+        """The one snapshot /readyz, /v1/models, the metrics and the dashboard read."""
+        status: Status = ("ready" if self.ready else
+                          "failed" if self.load_error is not None else "loading")
+        return read_live(status, self.images, self.chat, self.dispatcher,
+                         self.settings.router.daily_budget_usd)
+
     def storage_problem(self) -> str | None:
         """What /readyz says is wrong with storage: ledger rows that could not be written
         (held in memory until they can), or too little free space. Unauthenticated, so
@@ -94,16 +102,3 @@ class AppState:
                    else "The model failed to load; see the server log.")
         return APIError(503, message, type="server_error", code="model_not_ready",
                         headers={"Retry-After": "5"})
-
-    def local_images(self) -> LocalImages:
-        if self.images is None:
-            raise self.not_ready()
-        return self.images
-
-    def local_chat(self) -> LocalChat:
-        if not self.chat_enabled:
-            raise APIError(404, "No vision-language model is enabled on this server.",
-                           param="model", code="model_not_found")
-        if self.chat is None:
-            raise self.not_ready()
-        return self.chat

@@ -1,18 +1,18 @@
 """What the dashboard shows: ledger sums and live signals turned into one JSON document.
 
 ``build`` is pure: it takes today's per-route totals, the last hour's per-minute buckets
-and what the batchers and the dispatcher say right now, and does no I/O. ``read_live``
-gathers those live signals from the running app.
+and the live snapshot (server/ops/live.py), and does no I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from server.services import AppState
+from server.config import ImageSettings
+from server.ops.live import Live
 from server.store.ledger import LOCAL_ROUTE, MinuteBucket
 
 WINDOW_MINUTES = 60  # the charts: the last hour, one bar per minute
@@ -21,38 +21,9 @@ REFRESH_S = 3  # how often the page asks again
 NO_ROUTE = "none"  # refused or failed before any route was chosen
 SQUARE_SIDES = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 WIDE = ((1024, 768), (768, 1024), (1024, 576), (576, 1024))
-
-
-@dataclass(frozen=True)
-class LocalModel:
-    """One local model's queue, as its batcher reports it."""
-
-    model: str
-    kind: str  # "images" | "chat"
-    queued: int  # items waiting for the device
-    running: int  # items on the device now
-    max_queue: int
-    items_per_s: float | None  # the batcher's measured throughput (EWMA), None until measured
-    estimated_wait_s: float  # until the queue drains
-    items_done: int
-
-
-@dataclass(frozen=True)
-class Cloud:
-    name: str
-    configured: bool
-    circuit: str  # "closed" | "open" | "half_open"
-    budget_usd: float | None  # today's budget for this provider, if any
-
-
-@dataclass(frozen=True)
-class Live:
-    status: str  # "ready" | "loading" | "failed"
-    models: tuple[LocalModel, ...]
-    clouds: tuple[Cloud, ...]
-    min_side: int
-    max_side: int
-    default_size: str
+# What the page shows of each local model (never where its weights are).
+LOCAL_FIELDS = ("model", "kind", "queued", "running", "max_queue", "items_per_s",
+                "estimated_wait_s", "items_done")
 
 
 def minute_floor(at: datetime) -> datetime:
@@ -153,7 +124,8 @@ def images_per_s(minutes: Sequence[dict[str, Any]], now: datetime) -> float:
 
 
 def build(*, now: datetime, today: Sequence[dict[str, Any]],
-          buckets: Iterable[MinuteBucket], live: Live, key: str | None) -> dict[str, Any]:
+          buckets: Iterable[MinuteBucket], live: Live, limits: ImageSettings,
+          key: str | None) -> dict[str, Any]:
     """The ``GET /v1/dashboard`` document.
 
     ``today``: ``Ledger.totals(group_by="route")`` since UTC midnight; ``buckets``:
@@ -173,7 +145,7 @@ def build(*, now: datetime, today: Sequence[dict[str, Any]],
         "key": key,
         "status": live.status,
         "refresh_s": REFRESH_S,
-        "local": [asdict(m) for m in live.models],
+        "local": [{f: getattr(m, f) for f in LOCAL_FIELDS} for m in live.models],
         "queued": sum(m.queued for m in live.models),
         "clouds": [{**asdict(c), "spent_today_usd": spent.get(c.name, 0.0)}
                    for c in live.clouds],
@@ -192,29 +164,7 @@ def build(*, now: datetime, today: Sequence[dict[str, Any]],
             "mean_latency_ms": hour_latency / hour_requests if hour_requests else None,
             "minutes": minutes,
         },
-        "playground": {"sizes": offered_sizes(live.min_side, live.max_side,
-                                              live.default_size),
-                       "default_size": live.default_size},
+        "playground": {"sizes": offered_sizes(limits.min_side, limits.max_side,
+                                              limits.default_size),
+                       "default_size": limits.default_size},
     }
-
-
-def read_live(state: AppState) -> Live:
-    """What the batchers and the dispatcher say now (cheap reads under their locks)."""
-    models: list[LocalModel] = []
-    for kind, local in (("images", state.images), ("chat", state.chat)):
-        if local is None:
-            continue
-        batcher = local.batcher
-        snap = batcher.snapshot()
-        models.append(LocalModel(
-            model=local.model_id, kind=kind, queued=snap.queued, running=snap.running,
-            max_queue=batcher.policy.max_queue, items_per_s=snap.items_per_s,
-            estimated_wait_s=batcher.estimated_wait([]), items_done=snap.items_done))
-    dispatcher = state.require_dispatcher()
-    budgets = state.settings.router.daily_budget_usd
-    clouds = tuple(Cloud(name, name in dispatcher.providers, breaker.state, budgets.get(name))
-                   for name, breaker in dispatcher.breakers.items())
-    status = "ready" if state.ready else "failed" if state.load_error else "loading"
-    limits = state.settings.images
-    return Live(status, tuple(models), clouds, limits.min_side, limits.max_side,
-                limits.default_size)

@@ -10,8 +10,7 @@ never key names, request ids or raw paths.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -26,13 +25,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server import catalog
+from server.ops.live import Live
 from server.providers.local.batcher import BatchDone
 from server.routing.decide import CLOUDS
 from server.store.ledger import UsageRow
 
 if TYPE_CHECKING:
     from server.config import Settings
-    from server.services import AppState
 
 __all__ = ["CONTENT_TYPE_LATEST", "Live", "Metrics", "known_models", "live_families"]
 
@@ -60,25 +59,6 @@ def model_label(model: str | None, known: frozenset[str]) -> str:
     return model if model in known else OTHER
 
 
-@dataclass(frozen=True)
-class LocalModel:
-    """One local model as a scrape sees it."""
-
-    model: str
-    weights: str
-    source: str
-    queued: int
-    running: int
-    estimated_wait_s: float
-
-
-@dataclass(frozen=True)
-class Live:
-    ready: bool
-    models: list[LocalModel] = field(default_factory=list)
-    circuits: Mapping[str, str] = field(default_factory=dict)  # provider -> breaker state
-
-
 def live_families(live: Live) -> list[GaugeMetricFamily]:
     """The scrape-time gauges, from a snapshot of the server (pure)."""
     ready = GaugeMetricFamily("spillway_ready", "1 when every enabled model is loaded")
@@ -100,24 +80,10 @@ def live_families(live: Live) -> list[GaugeMetricFamily]:
     circuit = GaugeMetricFamily("spillway_circuit_state",
                                 "Cloud circuit breaker: 0 closed, 1 half-open, 2 open",
                                 labels=["provider"])
-    for provider, state in sorted(live.circuits.items()):
-        circuit.add_metric([provider], CIRCUIT[state])
+    for cloud in sorted(live.clouds, key=lambda c: c.name):
+        if cloud.configured:
+            circuit.add_metric([cloud.name], CIRCUIT[cloud.circuit])
     return [ready, info, depth, running, wait, circuit]
-
-
-def read_live(state: AppState) -> Live:
-    models = []
-    for local in (state.images, state.chat):
-        if local is None:
-            continue
-        snap = local.batcher.snapshot()
-        models.append(LocalModel(local.model_id, local.weights.label, local.weights.source,
-                                 snap.queued, snap.running, local.batcher.estimated_wait([])))
-    dispatcher = state.dispatcher
-    circuits = {} if dispatcher is None else {
-        name: dispatcher.breakers[name].state for name in dispatcher.providers
-        if name in dispatcher.breakers}
-    return Live(state.ready, models, circuits)
 
 
 class _LiveCollector(Collector):
@@ -162,10 +128,6 @@ class Metrics:
                               ["provider", "reason"], registry=r)
         self.cloud_cost = Counter("spillway_cloud_cost_usd", "What the cloud work cost, USD",
                                   ["provider"], registry=r)
-
-    @classmethod
-    def for_app(cls, state: AppState) -> Metrics:
-        return cls(known_models(state.settings), lambda: read_live(state))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

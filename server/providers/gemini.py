@@ -21,26 +21,25 @@ from PIL import Image
 
 from server.config import GeminiSettings, Prices
 from server.job import ImageJob
+from server.media.encode import png_bytes
 from server.providers.base import (
     ChatJob,
     ChatOutcome,
     ImageOutcome,
     ProviderError,
 )
-from server.providers.openai import (
+from server.providers.pricing import gemini_image_cost, nearest_shape, token_cost
+from server.providers.upstream import (
     FOLLOW_REDIRECTS,
-    TIMEOUT_ERRORS,
-    TRANSPORT_ERRORS,
     Malformed,
+    StatusFailure,
     b64decode_strict,
+    classify,
+    failed,
     finish_images,
     kind_for_status,
-    nearest_shape,
     parse_retry_after,
-    png_bytes,
-    provider_error,
 )
-from server.providers.pricing import gemini_image_cost, token_cost
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,28 @@ def _enum_name(value: object) -> str:
     return str(name) if name is not None else ""
 
 
+def _status_failure(exc: BaseException) -> StatusFailure | None:
+    """What google-genai says of an upstream answer that failed."""
+    if not isinstance(exc, genai_errors.APIError):
+        return None
+    status = int(exc.code) if isinstance(exc.code, int) else 0
+    kind = kind_for_status(status) if status else "server"
+    if kind == "client" and "API_KEY_INVALID" in str(exc.details):
+        kind = "auth"  # Gemini answers a bad key with 400
+    retry_after = None
+    if kind == "rate_limited":
+        retry_after = retry_delay_from_details(exc.details)
+        if retry_after is None:
+            headers = getattr(exc.response, "headers", None)
+            retry_after = parse_retry_after(headers) if headers is not None else None
+    detail = exc.message if isinstance(exc.message, str) else ""
+    upstream_status = exc.status if isinstance(exc.status, str) else ""
+    message = f"HTTP {status} {upstream_status}".rstrip()
+    if detail:
+        message += f": {detail}"
+    return StatusFailure(status, kind, message, retry_after)
+
+
 class GeminiProvider:
     """Gemini images (``gemini-2.5-flash-image``) and vision chat through
     ``google.genai.Client(...).aio.models.generate_content``."""
@@ -121,55 +142,17 @@ class GeminiProvider:
     # -- errors
 
     def _error(self, exc: BaseException, op: str) -> ProviderError:
-        secrets = self._secrets
-        where = f"{op}: "
-        if isinstance(exc, ProviderError):
-            return exc
-        if isinstance(exc, Malformed):
-            return provider_error(self.name, "malformed", where + str(exc), secrets)
-        if isinstance(exc, genai_errors.APIError):
-            status = int(exc.code) if isinstance(exc.code, int) else 0
-            kind = kind_for_status(status) if status else "server"
-            if kind == "client" and "API_KEY_INVALID" in str(exc.details):
-                kind = "auth"  # Gemini answers a bad key with 400
-            retry_after = None
-            if kind == "rate_limited":
-                retry_after = retry_delay_from_details(exc.details)
-                if retry_after is None:
-                    headers = getattr(exc.response, "headers", None)
-                    retry_after = parse_retry_after(headers) if headers is not None else None
-            detail = exc.message if isinstance(exc.message, str) else ""
-            upstream_status = exc.status if isinstance(exc.status, str) else ""
-            message = f"{where}HTTP {status} {upstream_status}".rstrip()
-            if detail:
-                message += f": {detail}"
-            return provider_error(self.name, kind, message, secrets, status=status or None,
-                                  retry_after_s=retry_after)
-        if isinstance(exc, TIMEOUT_ERRORS):
-            return provider_error(
-                self.name, "timeout",
-                f"{where}no answer within {self.settings.timeout_s:g} s", secrets)
-        if isinstance(exc, TRANSPORT_ERRORS):
-            return provider_error(self.name, "server",
-                                  f"{where}connection failed ({type(exc).__name__})", secrets)
-        if isinstance(exc, ValueError):  # JSON that does not parse, a model that won't build
-            return provider_error(self.name, "malformed",
-                                  f"{where}invalid response ({type(exc).__name__})", secrets)
-        # Not a failure we know: say what it was (its type only; its text is not ours).
-        log.warning("%s %s raised an unexpected %s", self.name, op, type(exc).__name__)
-        return provider_error(self.name, "server", f"{where}{type(exc).__name__}", secrets)
+        return classify(self.name, exc, op, self._secrets, self.settings.timeout_s,
+                        read_status=_status_failure)
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
         except Exception as exc:
-            err = self._error(exc, op)
-            log.info("%s (kind=%s, status=%s)", err, err.kind, err.status)
-            raise err from None
+            raise failed(self._error(exc, op)) from None
 
     def _fail(self, err: ProviderError) -> ProviderError:
-        log.info("%s (kind=%s, status=%s)", err, err.kind, err.status)
-        return err
+        return failed(err)
 
     # -- images
 

@@ -5,208 +5,54 @@ and fails over itself. Where requests go and with which key comes only from
 ``OpenAISettings``, never from a request. Every upstream failure leaves as a
 ``ProviderError`` whose message has been scrubbed of the key.
 
-The helpers at the top (``fit_images``, ``scrub``, ``parse_retry_after``, ...) are shared
-with the Gemini provider.
+What every upstream shares (decoding its images, scrubbing keys, reading Retry-After,
+classifying failures) is server/providers/upstream.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import email.utils
-import io
 import logging
-import math
-import re
-import time
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
-import httpx
-import httpx2
 import openai
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from server.config import OpenAISettings, Prices
 from server.job import ImageJob
+from server.media.encode import png_bytes
 from server.providers.base import (
     ChatJob,
     ChatOutcome,
-    FailureKind,
     ImageOutcome,
-    OutImage,
     ProviderError,
 )
-from server.providers.local.images import MEDIA_TYPES, encode_image
-from server.providers.pricing import openai_image_cost, openai_quality_tier, token_cost
-from server.redact import REDACTED, redact
+from server.providers.pricing import (
+    nearest_size,
+    openai_image_cost,
+    openai_quality_tier,
+    token_cost,
+)
+from server.providers.upstream import (
+    FOLLOW_REDIRECTS,
+    Malformed,
+    StatusFailure,
+    b64decode_strict,
+    classify,
+    failed,
+    finish_images,
+    kind_for_status,
+    parse_retry_after,
+)
 
 log = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
-# ---------------------------------------------------------------- shared helpers
-
-# What an upstream image may be, and how big, before we decode it.
-UPSTREAM_FORMATS = ("PNG", "JPEG", "WEBP")
-MAX_UPSTREAM_PIXELS = 50_000_000
-
-# Anything shaped like a cloud key, whoever's: OpenAI (sk-...), Google (AIza...).
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{10,})")
-_MAX_MESSAGE = 300
-
-# Upstream calls never follow redirects. Whatever answers at the base URL (a relay, a
-# hijacked name) could send us to another origin, and the SDKs' clients would take the key
-# along: httpx drops only ``Authorization`` across origins, not Gemini's ``x-goog-api-key``
-# nor Azure's ``api-key``. A 3xx is then an upstream failure (``kind_for_status``).
-FOLLOW_REDIRECTS = False  # every upstream HTTP client is built with this
-
-TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError, httpx.TimeoutException, httpx2.TimeoutException)
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    httpx.TransportError, httpx2.TransportError, ConnectionError)
-
-
-class Malformed(Exception):
-    """An upstream 200 whose content we cannot use."""
-
-
-def scrub(text: str, secrets: Sequence[str] = ()) -> str:
-    """The text without any of ``secrets`` in any disguise (case, reversal, base64,
-    whitespace: server/redact.py) nor anything that looks like an API key, cut to a sane
-    length."""
-    text = redact(text, secrets)
-    text = _KEYLIKE.sub(REDACTED, text)
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
-
-
-def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            ms = float(raw_ms)
-            if math.isfinite(ms) and ms >= 0:
-                return ms / 1000.0
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        seconds = float(raw)
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def decode_upstream_image(data: bytes) -> Image.Image:
-    """An upstream picture, opened with a format allow-list and a pixel cap."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=UPSTREAM_FORMATS)
-        if image.width * image.height > MAX_UPSTREAM_PIXELS:
-            raise Malformed(f"upstream image is {image.width}x{image.height}, too large")
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise Malformed(f"upstream image does not decode ({type(exc).__name__})") from None
-    return image
-
-
-def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Exactly width x height: centre-cropped to the aspect, then resized (LANCZOS)."""
-    if image.mode not in ("RGB", "RGBA"):
-        has_alpha = "A" in image.mode or "transparency" in image.info
-        image = image.convert("RGBA" if has_alpha else "RGB")
-    if image.size == (width, height):
-        return image
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-
-
-def finish_images(blobs: Sequence[bytes], job: ImageJob) -> list[OutImage]:
-    """Upstream bytes -> the job's size and format (blocking; run it in a thread)."""
-    media_type = MEDIA_TYPES[job.output_format]
-    out = []
-    for blob in blobs:
-        image = fit_image(decode_upstream_image(blob), job.width, job.height)
-        out.append(OutImage(encode_image(image, job.output_format, job.output_compression),
-                            media_type, seed=None))
-    return out
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def b64decode_strict(text: object) -> bytes:
-    """Standard or URL-safe base64, padded or not; anything else is Malformed."""
-    if not isinstance(text, str) or not text:
-        raise Malformed("image data is missing")
-    cleaned = "".join(text.split())
-    cleaned += "=" * (-len(cleaned) % 4)
-    try:
-        if "-" in cleaned or "_" in cleaned:
-            return base64.urlsafe_b64decode(cleaned.encode("ascii"))
-        return base64.b64decode(cleaned, validate=True)
-    except (binascii.Error, ValueError):
-        raise Malformed("image data is not base64") from None
-
-
-def provider_error(provider: str, kind: FailureKind, message: str, secrets: Sequence[str], *,
-                   status: int | None = None,
-                   retry_after_s: float | None = None) -> ProviderError:
-    return ProviderError(provider, kind, scrub(message, secrets), status=status,
-                         retry_after_s=retry_after_s)
-
-
-def kind_for_status(status: int) -> FailureKind:
-    if 300 <= status < 400:
-        # A redirect we did not follow (see FOLLOW_REDIRECTS): the upstream is misconfigured
-        # or hostile, not the request; it counts against the upstream and fails over.
-        return "server"
-    if status in (401, 403):
-        return "auth"
-    if status == 429:
-        return "rate_limited"
-    if status == 408:
-        return "timeout"
-    if status >= 500:
-        return "server"
-    return "client"
-
-
 # ---------------------------------------------------------------- OpenAI
 
-# gpt-image sizes, by aspect (width / height)
-GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
-
 _Quality = Literal["low", "medium", "high"]
-
-
-def nearest_shape(width: int, height: int, choices: tuple[str, ...], sep: str) -> str:
-    """The choice ("1536x1024", "3:2"...) whose aspect is nearest width / height."""
-    aspect = math.log(width / height)
-
-    def distance(choice: str) -> float:
-        w, h = (int(v) for v in choice.split(sep))
-        return abs(math.log(w / h) - aspect)
-
-    return min(choices, key=distance)
-
-
-def nearest_size(width: int, height: int) -> str:
-    """The gpt-image size whose aspect is nearest the job's."""
-    return nearest_shape(width, height, GPT_IMAGE_SIZES, "x")
 
 
 def upstream_quality(quality: str) -> _Quality:
@@ -222,6 +68,21 @@ def _error_detail(exc: openai.APIStatusError) -> str:
     if isinstance(body, str):
         return body
     return ""
+
+
+def _status_failure(exc: BaseException) -> StatusFailure | None:
+    """What the openai SDK says of an upstream answer that failed."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        kind = kind_for_status(status)
+        retry_after = parse_retry_after(exc.response.headers) if kind == "rate_limited" \
+            else None
+        detail = _error_detail(exc)
+        return StatusFailure(status, kind, f"HTTP {status}" + (f": {detail}" if detail else ""),
+                             retry_after)
+    if isinstance(exc, openai.APIResponseValidationError):
+        return StatusFailure(exc.status_code, "malformed", "invalid response")
+    return None
 
 
 class OpenAIProvider:
@@ -262,44 +123,11 @@ class OpenAIProvider:
 
     # -- errors
 
-    def _error(self, exc: BaseException, op: str) -> ProviderError:
-        secrets = self._secrets
-        where = f"{op}: "
-        if isinstance(exc, ProviderError):
-            return exc
-        if isinstance(exc, Malformed):
-            return provider_error(self.name, "malformed", where + str(exc), secrets)
-        if isinstance(exc, (openai.APITimeoutError, *TIMEOUT_ERRORS)):
-            return provider_error(
-                self.name, "timeout",
-                f"{where}no answer within {self.settings.timeout_s:g} s", secrets)
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            kind = kind_for_status(status)
-            retry_after = None
-            if kind == "rate_limited":
-                retry_after = parse_retry_after(exc.response.headers)
-            detail = _error_detail(exc)
-            message = f"{where}HTTP {status}" + (f": {detail}" if detail else "")
-            return provider_error(self.name, kind, message, secrets, status=status,
-                                  retry_after_s=retry_after)
-        if isinstance(exc, openai.APIResponseValidationError):
-            return provider_error(self.name, "malformed", f"{where}invalid response", secrets,
-                                  status=exc.status_code)
-        if isinstance(exc, (openai.APIConnectionError, *TRANSPORT_ERRORS)):
-            return provider_error(self.name, "server",
-                                  f"{where}connection failed ({type(exc).__name__})", secrets)
-        if isinstance(exc, ValueError):  # JSON that does not parse, a model that won't build
-            return provider_error(self.name, "malformed",
-                                  f"{where}invalid response ({type(exc).__name__})", secrets)
-        # Not a failure we know: say what it was (its type only; its text is not ours).
-        log.warning("%s %s raised an unexpected %s", self.name, op, type(exc).__name__)
-        return provider_error(self.name, "server", f"{where}{type(exc).__name__}", secrets)
-
     def _fail(self, exc: BaseException, op: str) -> ProviderError:
-        err = self._error(exc, op)
-        log.info("%s (kind=%s, status=%s)", err, err.kind, err.status)
-        return err
+        return failed(classify(self.name, exc, op, self._secrets, self.settings.timeout_s,
+                               read_status=_status_failure,
+                               timeouts=(openai.APITimeoutError,),
+                               transports=(openai.APIConnectionError,)))
 
     # -- images
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from server.config import Prices
 
 DEFAULT_OPENAI_SIZE = "1024x1024"
@@ -41,3 +43,23 @@ def token_cost(prices: Prices, model: str, prompt_tokens: int, completion_tokens
 
 def local_cost(prices: Prices, device_seconds: float) -> float:
     return prices.local_gpu_per_hour * max(device_seconds, 0.0) / 3600.0
+
+
+# gpt-image sizes, by aspect (width / height)
+GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+
+
+def nearest_shape(width: int, height: int, choices: tuple[str, ...], sep: str) -> str:
+    """The choice ("1536x1024", "3:2"...) whose aspect is nearest width / height."""
+    aspect = math.log(width / height)
+
+    def distance(choice: str) -> float:
+        w, h = (int(v) for v in choice.split(sep))
+        return abs(math.log(w / h) - aspect)
+
+    return min(choices, key=distance)
+
+
+def nearest_size(width: int, height: int) -> str:
+    """The gpt-image size whose aspect is nearest the job's."""
+    return nearest_shape(width, height, GPT_IMAGE_SIZES, "x")

@@ -26,7 +26,7 @@ from server.providers.base import ChatJob, ChatOutcome, CloudProvider, OutImage,
 from server.providers.local.batcher import Timing
 from server.providers.local.chat import LocalChat, StreamEvent
 from server.providers.local.images import LocalImages
-from server.providers.openai import nearest_size
+from server.providers.pricing import nearest_size
 from server.retry_after import retry_headers
 from server.routing.decide import CloudState, JobView, Policy, Route, Signals, decide
 from server.routing.limits import CircuitBreaker, RateLimiter

@@ -21,11 +21,12 @@ import uvicorn
 
 from pipelines.base import ImageItem
 from server import catalog
-from server.app import batch_policy, create_app, load_engine, load_vlm
+from server.app import create_app
 from server.config import Settings
 from server.providers.local.batcher import BatchPolicy
 from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import batch_policy, load_engine, load_vlm
 from server.wire.openai_images import parse_size
 
 

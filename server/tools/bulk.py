@@ -490,7 +490,7 @@ class _Sink:
     def cloud_cost(self, row: Row, width: int, height: int) -> float:
         if self.provider == "gemini":
             return gemini_image_cost(self.prices, 1)
-        from server.providers.openai import nearest_size
+        from server.providers.pricing import nearest_size
 
         return openai_image_cost(self.prices, row.quality or "auto", nearest_size(width, height),
                                  1)
@@ -580,7 +580,7 @@ class _Writer:
         self.thread.start()
 
     def _work(self) -> None:
-        from server.providers.local.images import encode_image
+        from server.media.encode import encode_image
 
         prices = self.sink.prices
         while (job := self.queue.get()) is not None:
@@ -642,7 +642,7 @@ def _generate(engine: SDXLTurbo, chunk: list[Output], sink: _Sink
 
 def _run_local(pending: list[Output], settings: Settings, batch_size: int,
                sink: _Sink) -> None:
-    from server.app import load_engine
+    from server.providers.local.loading import load_engine
 
     try:
         engine, _ = load_engine(settings)

@@ -24,9 +24,10 @@ from PIL import Image
 from pydantic import SecretStr
 
 from pipelines.registry import MODEL_ID, WeightsInfo
-from server.app import batch_policy, create_app
+from server.app import create_app
 from server.config import BatchSettings, GeminiSettings, RateLimit, RouterSettings, Settings
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import batch_policy
 from server.store.keys import KeyStore
 from server.store.ledger import Ledger
 from tests.api.gated import Device, wait_for

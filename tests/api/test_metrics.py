@@ -17,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from pipelines.registry import MODEL_ID, WeightsInfo
-from server.app import batch_policy, create_app
+from server.app import create_app
 from server.config import OpenAISettings, RateLimit, RouterSettings, Settings
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import batch_policy
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.openai_server import running_fake_openai

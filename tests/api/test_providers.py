@@ -19,13 +19,15 @@ from server.config import GeminiSettings, OpenAISettings, Prices
 from server.job import ImageJob
 from server.providers.base import ChatJob, ProviderError
 from server.providers.gemini import GeminiProvider, nearest_aspect, retry_delay_from_details
-from server.providers.openai import OpenAIProvider, nearest_size, parse_retry_after, scrub
+from server.providers.openai import OpenAIProvider
 from server.providers.pricing import (
     gemini_image_cost,
     local_cost,
+    nearest_size,
     openai_image_cost,
     token_cost,
 )
+from server.providers.upstream import parse_retry_after, scrub
 from tests.fakes.gemini_server import FakeGemini, inline_images, running_fake_gemini
 from tests.fakes.openai_server import FakeOpenAI, image_url_parts, running_fake_openai
 

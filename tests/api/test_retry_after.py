@@ -26,10 +26,11 @@ from PIL import Image
 
 from pipelines.base import ImageItem
 from pipelines.registry import MODEL_ID, WeightsInfo
-from server.app import batch_policy, create_app
+from server.app import create_app
 from server.config import Settings
 from server.errors import queue_full
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import batch_policy
 from server.retry_after import MAX_RETRY_AFTER_S, retry_headers
 from tests.api.gated import wait_for
 from tests.conftest import serve

@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from pipelines.registry import MODEL_ID, WeightsInfo
-from server.app import batch_policy, create_app
+from server.app import create_app
 from server.config import (
     BatchSettings,
     GeminiSettings,
@@ -29,6 +29,7 @@ from server.config import (
     Settings,
 )
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import batch_policy
 from server.store.ledger import Ledger
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve

@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 from pipelines.registry import MODEL_ID, WeightsInfo
-from server.app import batch_policy, create_app
+from server.app import create_app
 from server.config import BatchSettings, Settings
 from server.providers.local.images import LocalImages
+from server.providers.local.loading import batch_policy
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 

@@ -10,16 +10,10 @@ from typing import Any
 
 import pytest
 
-from server.ops.dashboard import (
-    WINDOW_MINUTES,
-    Cloud,
-    Live,
-    LocalModel,
-    build,
-    images_per_s,
-    offered_sizes,
-    window_start,
-)
+from server.config import ImageSettings
+from server.ops.dashboard import WINDOW_MINUTES, images_per_s, offered_sizes, window_start
+from server.ops.dashboard import build as build_document
+from server.ops.live import Cloud, Live, LocalModel
 from server.store.ledger import Ledger, MinuteBucket, UsageRow
 
 NOW = datetime(2025, 6, 15, 12, 30, 15, tzinfo=UTC)  # 15 s into the minute
@@ -33,10 +27,14 @@ def live(**overrides: Any) -> Live:
                            items_per_s=12.5, estimated_wait_s=0.4, items_done=40),
                 LocalModel("local-vlm", "chat", queued=1, running=0, max_queue=64,
                            items_per_s=None, estimated_wait_s=1.0, items_done=0)),
-        clouds=(Cloud("openai", True, "closed", 20.0), Cloud("gemini", False, "open", None)),
-        min_side=256, max_side=1024, default_size="512x512")
+        clouds=(Cloud("openai", True, "closed", 20.0), Cloud("gemini", False, "open", None)))
     fields.update(overrides)
     return Live(**fields)
+
+
+def build(**fields: Any) -> dict[str, Any]:
+    return build_document(limits=ImageSettings(min_side=256, max_side=1024,
+                                                default_size="512x512"), **fields)
 
 
 def totals(route: str, requests: int, images: int, cost: float, cloud: float

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from server.config import GeminiSettings, OpenAISettings, Settings
-from server.providers.openai import scrub
+from server.providers.upstream import scrub
 from server.redact import (
     CHATTY_LOGGERS,
     REDACTED,

@@ -31,9 +31,9 @@ async def get_dashboard(request: Request, state: State) -> dict[str, Any]:
     # As /v1/usage: a team's key sees its own rows; the admin key (or an open server) all.
     only_key = caller.owner if caller.key is not None else None
     now = datetime.now(UTC)
-    live = dashboard.read_live(state)
+    live = state.live()
     reads = _reads(state)
     today, buckets = ([], []) if reads is None else await asyncio.to_thread(
         reads.read, now, only_key)
     return dashboard.build(now=now, today=today, buckets=buckets, live=live,
-                           key=caller.name if only_key else None)
+                           limits=state.settings.images, key=caller.name if only_key else None)

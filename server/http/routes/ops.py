@@ -24,10 +24,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    if not state.ready:
-        status = "failed" if state.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
-    models = [m.model_id for m in (state.images, state.chat) if m is not None]
+    live = state.live()
+    if not live.ready:
+        return JSONResponse({"status": live.status}, status_code=503,
+                            headers={"Retry-After": "5"})
+    models = [m.model for m in live.models]
     problem = state.storage_problem()
     if problem is not None:  # serving, but a balancer should send new work elsewhere
         return JSONResponse({"status": "storage", "detail": problem, "models": models},
@@ -64,23 +65,20 @@ def _openai_models(state: AppState, admin: bool) -> list[dict[str, Any]]:
     """Where the weights live on disk is the operator's business: the admin key sees the
     path, a team's key (or anyone, on an open server) only which weights they are."""
     data = []
-    for local in (state.images, state.chat):
-        if local is None:
-            continue
-        snap = local.batcher.snapshot()
+    for local in state.live().models:
         about: dict[str, Any] = {
-            "weights": local.weights.label,
-            "source": local.weights.source,
-            "engine": local.description,
-            "queued": snap.queued,
-            "items_per_s": snap.items_per_s,
+            "weights": local.weights,
+            "source": local.source,
+            "engine": local.engine,
+            "queued": local.queued,
+            "items_per_s": local.items_per_s,
         }
         if admin:
-            about["path"] = str(local.weights.path)
+            about["path"] = str(local.path)
         data.append({
-            "id": local.model_id,
+            "id": local.model,
             "object": "model",
-            "created": int(local.weights.path.stat().st_mtime),
+            "created": int(local.path.stat().st_mtime) if local.path is not None else 0,
             "owned_by": "spillway",
             "spillway": about,
         })

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pipelines.base import ImageItem
 from pipelines.registry import WeightsInfo
 from server.errors import queue_full, shutting_down
 from server.job import ImageJob
+from server.media.encode import MEDIA_TYPES, encode_image
 from server.providers.base import OutImage
 from server.providers.local.batcher import (
     Batcher,
@@ -25,23 +25,6 @@ from server.providers.local.batcher import (
 )
 
 log = logging.getLogger(__name__)
-
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-
-def encode_image(image: Image.Image, fmt: str, compression: int | None) -> bytes:
-    """PNG at a fast compression level; JPEG/WebP at the asked quality (default 100)."""
-    buf = io.BytesIO()
-    if fmt == "png":
-        image.save(buf, format="PNG", compress_level=1)
-    elif fmt == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=compression or 100)
-    elif fmt == "webp":
-        image.save(buf, format="WEBP", quality=compression or 100)
-    else:
-        raise ValueError(f"unknown output format {fmt!r}")
-    return buf.getvalue()
-
 
 @dataclass(frozen=True)
 class LocalRun:

@@ -1,0 +1,75 @@
+"""One snapshot of the running server: the local models and their queues, the clouds and
+their circuits, and whether it is ready. ``/readyz``, ``/v1/models``, the metrics scrape
+and the dashboard all read this one, so they never disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from server.providers.local.chat import LocalChat
+from server.providers.local.images import LocalImages
+from server.routing.dispatch import Dispatcher
+
+Status = Literal["ready", "loading", "failed"]
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """One local model as its batcher reports it (cheap reads under its lock)."""
+
+    model: str
+    kind: str  # "images" | "chat"
+    queued: int  # items waiting for the device
+    running: int  # items on the device now
+    max_queue: int
+    items_per_s: float | None  # the batcher's measured throughput (EWMA), None until measured
+    estimated_wait_s: float  # until the queue drains
+    items_done: int
+    weights: str = ""  # which weights: their label
+    source: str = ""  # "hub", "random-full", "tiny"
+    engine: str = ""  # device, dtype, attention
+    path: Path | None = None  # where the weights are: the operator's business only
+
+
+@dataclass(frozen=True)
+class Cloud:
+    name: str
+    configured: bool
+    circuit: str  # "closed" | "open" | "half_open"
+    budget_usd: float | None  # today's budget for this provider, if any
+
+
+@dataclass(frozen=True)
+class Live:
+    status: Status
+    models: tuple[LocalModel, ...] = ()
+    clouds: tuple[Cloud, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+def local_model(kind: str, local: LocalImages | LocalChat) -> LocalModel:
+    batcher = local.batcher
+    snap = batcher.snapshot()
+    return LocalModel(model=local.model_id, kind=kind, queued=snap.queued,
+                      running=snap.running, max_queue=batcher.policy.max_queue,
+                      items_per_s=snap.items_per_s,
+                      estimated_wait_s=batcher.estimated_wait([]),
+                      items_done=snap.items_done, weights=local.weights.label,
+                      source=local.weights.source, engine=local.description,
+                      path=local.weights.path)
+
+
+def read_live(status: Status, images: LocalImages | None, chat: LocalChat | None,
+              dispatcher: Dispatcher | None, budgets: Mapping[str, float]) -> Live:
+    models = tuple(local_model(kind, local) for kind, local in
+                   (("images", images), ("chat", chat)) if local is not None)
+    clouds = () if dispatcher is None else tuple(
+        Cloud(name, name in dispatcher.providers, breaker.state, budgets.get(name))
+        for name, breaker in dispatcher.breakers.items())
+    return Live(status, models, clouds)

@@ -1,0 +1,80 @@
+"""Loading the local models onto their device: weights found, pipelines built, batchers
+made (used by the app, the CLI, the bench and bulk generation)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pipelines.base import pick_device
+from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
+from pipelines.sdxl_turbo import Limits, SDXLTurbo
+from pipelines.vlm import VisionLanguageModel
+from server.config import Settings
+from server.providers.local.batcher import BatchPolicy
+from server.providers.local.chat import LocalChat
+from server.providers.local.images import LocalImages
+
+
+def batch_policy(settings: Settings) -> BatchPolicy:
+    b = settings.batch
+    return BatchPolicy(max_batch=b.max_batch, max_batch_pixels=b.max_batch_pixels,
+                       max_wait_s=b.max_wait_ms / 1000, max_queue=b.max_queue)
+
+
+def resolve_weights(settings: Settings) -> WeightsInfo:
+    if settings.sdxl_weights is not None:
+        return describe(settings.sdxl_weights)
+    found = best_weights(settings.weights_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"no SDXL weights under {settings.weights_dir.resolve()}: run "
+            "`spillway weights tiny` (built-in default) or `spillway weights fetch sdxl-turbo`")
+    return found
+
+
+def _device(settings: Settings) -> torch.device:
+    device = pick_device(settings.device)
+    if device.type == "cpu":
+        # The models' threads would otherwise spin on every core and starve the event
+        # loop that parses requests and encodes images (measured: 124 -> 153 images/s).
+        torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+    return device
+
+
+def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
+    weights = resolve_weights(settings)
+    limits = Limits(min_side=settings.images.min_side, max_side=settings.images.max_side)
+    device = _device(settings)
+    engine = SDXLTurbo.load(weights.path, device, variant=weights.variant,
+                            xformers=settings.xformers, limits=limits)
+    return engine, weights
+
+
+def load_local_images(settings: Settings) -> LocalImages:
+    engine, weights = load_engine(settings)
+    description = f"{engine.device.type}, {str(engine.pipe.dtype).removeprefix('torch.')}, " \
+                  f"{engine.attention}"
+    return LocalImages(MODEL_ID, weights, engine.run, batch_policy(settings),
+                       settings.batch.default_timeout_s, description)
+
+
+def load_vlm(settings: Settings) -> tuple[VisionLanguageModel, WeightsInfo]:
+    weights = best_weights(settings.weights_dir, VLM)
+    if weights is None:
+        raise FileNotFoundError(
+            f"no vision-language weights under {settings.weights_dir.resolve()}: run "
+            "`spillway weights tiny` (built-in default) or `spillway weights fetch qwen3-vl-4b`")
+    return VisionLanguageModel.load(weights.path, _device(settings)), weights
+
+
+def load_local_chat(settings: Settings) -> LocalChat:
+    model, weights = load_vlm(settings)
+    v = settings.vlm
+    policy = BatchPolicy(max_batch=v.max_batch, max_batch_pixels=2**62,
+                         max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
+    description = f"{model.device.type}, {str(model.model.dtype).removeprefix('torch.')}"
+    return LocalChat(VLM.model_id, weights, model.generate,
+                     lambda item: model.count_prompt_tokens(item.messages, item.images),
+                     model.context_length, policy, v.timeout_s, description)
