@@ -24,7 +24,7 @@ from server.config import Settings
 from server.store import db
 from tests.conftest import serve
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "ledger_v0"
+FIXTURE = Path(__file__).parents[2] / "fixtures" / "ledger_v0"
 ADMIN = "admin-secret-for-migration-tests"
 
 
