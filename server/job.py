@@ -1,4 +1,6 @@
-"""Jobs: what every endpoint turns its wire request into, and every provider runs."""
+"""The work units: what every endpoint turns its wire request into (``ImageJob``,
+``ChatJob``), what a provider gives back (``OutImage``, ``ImageOutcome``, ``ChatOutcome``)
+and where it ran (``Served``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from pipelines.base import ImageItem
+from pipelines.vlm import ChatItem, ChatResult
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,41 @@ class Served:
         return {"x-spillway-route": self.route,
                 "x-spillway-cost-usd": f"{self.cost_usd:.6f}",
                 "x-spillway-queue-ms": str(round(self.queue_ms))}
+
+
+@dataclass(eq=False)
+class ChatJob(ChatItem):
+    """A vision chat after intake: the pipeline's ``ChatItem`` (messages in HF form,
+    images as {"type": "image"} parts, the decoded images in order, sampling) and the
+    model it asked for. A local batch runs it as it is."""
+
+    model: str = "auto"
+
+
+@dataclass(frozen=True)
+class ChatOutcome(ChatResult):
+    """A chat answer (the pipeline's ``ChatResult``) and who gave it at what cost."""
+
+    model: str = ""
+    cost_usd: float = 0.0
+    request_id: str | None = None
+
+    @staticmethod
+    def of(result: ChatResult, model: str, cost_usd: float = 0.0) -> ChatOutcome:
+        return ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
+                           result.completion_tokens, model, cost_usd)
+
+
+@dataclass(frozen=True)
+class OutImage:
+    data: bytes  # encoded in the job's output_format, at the job's width x height
+    media_type: str
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    images: list[OutImage]
+    model: str  # the upstream model that answered
+    cost_usd: float
+    request_id: str | None = None

@@ -38,15 +38,13 @@ from server.batches.validate import Validator, typed
 from server.errors import APIError, server_error
 from server.serving import Serving
 from server.serving.accounting import ADMIN, Account, Caller
-from server.serving.chat import result_of
 from server.store.keys import ADMIN_OWNER, KeyStore
 from server.store.storage import is_transient_storage
 from server.wire.openai_chat import completion_body, completion_id
 from server.wire.openai_images import ImageEditRequest, images_response
 
 if TYPE_CHECKING:
-    from server.job import ImageJob
-    from server.providers.base import OutImage
+    from server.job import ImageJob, OutImage
     from server.routing.dispatch import BeforeSend
 
 log = logging.getLogger(__name__)
@@ -352,7 +350,7 @@ class Worker:
             await self._check_owner(item, account)
             outcome, _ = await serving.chat.run(account, chat, ITEM_DEADLINE_S,
                                                 before_send=before_send)
-            answer = completion_body(completion_id(), line.chat.model, result_of(outcome))
+            answer = completion_body(completion_id(), line.chat.model, outcome)
             await self._stored(self._finish, item.id, state=DONE, status_code=200,
                                response=answer, request_id="req_" + uuid.uuid4().hex)
             return

@@ -1,14 +1,10 @@
-"""What every cloud provider speaks: jobs in, outcomes out, one error type."""
+"""What every cloud provider speaks: jobs in, outcomes out (server/job.py), one error type."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from PIL import Image
-
-from pipelines.vlm import Message
-from server.job import ImageJob
+from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 
 FailureKind = Literal["rate_limited", "server", "timeout", "malformed", "client", "auth"]
 
@@ -30,47 +26,6 @@ class ProviderError(Exception):
     @property
     def trips_breaker(self) -> bool:
         return self.kind in ("server", "timeout", "malformed")
-
-
-@dataclass(frozen=True)
-class OutImage:
-    data: bytes  # encoded in the job's output_format, at the job's width x height
-    media_type: str
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class ImageOutcome:
-    images: list[OutImage]
-    model: str  # the upstream model that answered
-    cost_usd: float
-    request_id: str | None = None
-
-
-@dataclass(frozen=True)
-class ChatJob:
-    """A vision chat, after intake: messages in HF form (images as {"type": "image"}
-    parts) and the decoded images in order."""
-
-    model: str
-    messages: list[Message]
-    images: list[Image.Image] = field(default_factory=list, repr=False)
-    max_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class ChatOutcome:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    model: str
-    cost_usd: float
-    request_id: str | None = None
 
 
 class CloudProvider(Protocol):

@@ -20,14 +20,9 @@ from google.genai import types
 from PIL import Image
 
 from server.config import GeminiSettings, Prices
-from server.job import ImageJob
+from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
-from server.providers.base import (
-    ChatJob,
-    ChatOutcome,
-    ImageOutcome,
-    ProviderError,
-)
+from server.providers.base import ProviderError
 from server.providers.pricing import gemini_image_cost, nearest_shape, token_cost
 from server.providers.upstream import (
     FOLLOW_REDIRECTS,

@@ -20,14 +20,9 @@ import openai
 from PIL import Image
 
 from server.config import OpenAISettings, Prices
-from server.job import ImageJob
+from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
-from server.providers.base import (
-    ChatJob,
-    ChatOutcome,
-    ImageOutcome,
-    ProviderError,
-)
+from server.providers.base import ProviderError
 from server.providers.pricing import (
     nearest_size,
     openai_image_cost,

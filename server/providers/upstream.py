@@ -19,9 +19,9 @@ import httpx
 import httpx2
 from PIL import Image, UnidentifiedImageError
 
-from server.job import ImageJob
+from server.job import ImageJob, OutImage
 from server.media.encode import MEDIA_TYPES, encode_image, fit_image
-from server.providers.base import FailureKind, OutImage, ProviderError
+from server.providers.base import FailureKind, ProviderError
 from server.redact import REDACTED, redact
 
 log = logging.getLogger(__name__)

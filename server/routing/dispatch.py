@@ -20,9 +20,9 @@ from pipelines.vlm import ChatItem
 from server.catalog import CLOUDS, Task, cloud_of, local_chat_model, local_ids
 from server.config import Settings
 from server.errors import APIError
-from server.job import ImageJob, Served
+from server.job import ChatJob, ChatOutcome, ImageJob, OutImage, Served
 from server.providers import pricing
-from server.providers.base import ChatJob, ChatOutcome, CloudProvider, OutImage, ProviderError
+from server.providers.base import CloudProvider, ProviderError
 from server.providers.local.batcher import Timing
 from server.providers.local.chat import LocalChat, StreamEvent
 from server.providers.local.images import LocalImages
@@ -231,7 +231,7 @@ class Dispatcher:
         # An alias (a cloud name the operator chose to answer locally) means local.
         asked = local_chat_model(job.model, self.settings.vlm.aliases)
         view = JobView("vision", asked, None, deadline_s, costs)
-        return decide(view, self._signals("vision", asked, local, [to_item(job)], bulk),
+        return decide(view, self._signals("vision", asked, local, [job], bulk),
                       self._policy("vision", bulk)), view
 
     async def chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False,
@@ -246,17 +246,15 @@ class Dispatcher:
         if route.where == "reject":
             raise _reject(route)
         assert local is not None
-        item = to_item(job)
-        await check_context(local, item)
+        await check_context(local, job)
         try:
-            result, timing = await local.complete(item, bulk=bulk)
+            result, timing = await local.complete(job, bulk=bulk)
         except APIError as exc:
             fallback = self._cloud_after_local_failure(exc, view, "vision", job.model)
             if fallback is None:
                 raise
             return await self.chat_on_cloud(fallback, job, "local-failure", before_send)
-        outcome = ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
-                              result.completion_tokens, local.model_id, 0.0)
+        outcome = ChatOutcome.of(result, local.model_id)
         return outcome, self.local_chat_served(route.reason, job, outcome, timing)
 
     async def stream_chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False
@@ -267,9 +265,8 @@ class Dispatcher:
         if local is not None:
             route, _ = self.route_chat(job, deadline_s, bulk)
             if route.where == "local":
-                item = to_item(job)
-                await check_context(local, item)
-                return LocalStream(await local.stream(item, bulk=bulk), route.reason)
+                await check_context(local, job)
+                return LocalStream(await local.stream(job, bulk=bulk), route.reason)
         return await self.chat(job, deadline_s, bulk=bulk)
 
     def local_chat_served(self, reason: str, job: ChatJob, outcome: ChatOutcome,
@@ -349,11 +346,6 @@ async def check_context(local: LocalChat, item: ChatItem) -> None:
     prompt = await asyncio.to_thread(local.count_tokens, item)
     if prompt + item.max_tokens > local.context_length:
         raise context_error(prompt, item.max_tokens, local.context_length)
-
-
-def to_item(job: ChatJob) -> ChatItem:
-    return ChatItem(job.messages, job.images, job.max_tokens, job.temperature, job.top_p,
-                    job.stop, job.seed)
 
 
 def _reject(route: Route) -> APIError:

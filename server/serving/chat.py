@@ -22,11 +22,9 @@ from pipelines.vlm import ChatResult, fit_pixels
 from server import catalog
 from server.config import Settings
 from server.errors import APIError, bad_request
-from server.job import Served
+from server.job import ChatJob, ChatOutcome, Served
 from server.media import intake
 from server.media.budget import PixelBudget
-from server.providers.base import ChatJob, ChatOutcome
-from server.providers.local.chat import StreamEvent
 from server.routing.dispatch import BeforeSend, Dispatcher, LocalStream
 from server.serving.accounting import Account, Accounting
 from server.wire.openai_chat import (
@@ -55,11 +53,6 @@ class StreamFormat(Protocol):
 class Stream:
     lines: AsyncIterator[str]
     headers: dict[str, str]
-
-
-def result_of(outcome: ChatOutcome) -> ChatResult:
-    return ChatResult(outcome.text, outcome.finish_reason, outcome.prompt_tokens,
-                      outcome.completion_tokens)
 
 
 class ChatServing:
@@ -94,8 +87,9 @@ class ChatServing:
         # 2. Images in, through the one intake path.
         images = await self.load_images(parsed.images)
         temperature = 1.0 if body.temperature is None else body.temperature
-        return ChatJob(body.model, parsed.messages, images, max_tokens, temperature,
-                       body.top_p or 1.0, stop_strings(body.stop), body.seed)
+        return ChatJob(messages=parsed.messages, images=images, max_tokens=max_tokens,
+                       temperature=temperature, top_p=body.top_p or 1.0,
+                       stop=stop_strings(body.stop), seed=body.seed, model=body.model)
 
     async def load_images(self, refs: list[ImageRef]) -> list[Image.Image]:
         """Each image decoded and scaled to its detail's pixels in one worker-thread step,
@@ -154,7 +148,7 @@ class ChatServing:
         outcome, served = ran
         account.served = served
         await self.accounting.close(account)
-        return Stream(_whole(result_of(outcome), fmt), {**headers, **served.headers()})
+        return Stream(_whole(outcome, fmt), {**headers, **served.headers()})
 
     async def _local(self, ran: LocalStream, fmt: StreamFormat, job: ChatJob,
                      account: Account) -> AsyncIterator[str]:
@@ -167,8 +161,9 @@ class ChatServing:
                     if event.text:
                         yield fmt.delta(event.text)
                     continue
+                outcome = ChatOutcome.of(event.result, catalog.VLM_MODEL)
                 account.served = self.dispatcher.local_chat_served(
-                    ran.reason, job, _outcome(event), event.timing)
+                    ran.reason, job, outcome, event.timing)
                 for line in fmt.closing(event.result):
                     yield line
         except APIError as err:
@@ -179,13 +174,6 @@ class ChatServing:
             await self.accounting.close(account)
         for line in fmt.ending():
             yield line
-
-
-def _outcome(event: StreamEvent) -> ChatOutcome:
-    result = event.result
-    assert result is not None
-    return ChatOutcome(result.text, result.finish_reason, result.prompt_tokens,
-                       result.completion_tokens, catalog.VLM_MODEL, 0.0)
 
 
 async def _whole(result: ChatResult, fmt: StreamFormat) -> AsyncIterator[str]:

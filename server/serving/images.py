@@ -12,10 +12,9 @@ from PIL import Image
 from server import catalog
 from server.config import Settings
 from server.errors import APIError
-from server.job import ImageJob, Served
+from server.job import ImageJob, OutImage, Served
 from server.media import intake
 from server.media.budget import PixelBudget
-from server.providers.base import OutImage
 from server.routing.dispatch import BeforeSend, Dispatcher
 from server.serving.accounting import Account, Accounting
 from server.wire.openai_images import (

@@ -14,7 +14,7 @@ from server.app import create_app
 from server.config import Settings
 from tests.api.test_batches import gen_line, submit, wait
 from tests.conftest import serve
-from tests.unit.test_migrations import FIXTURE, old_database
+from tests.unit.store.test_migrations import FIXTURE, old_database
 
 
 def db_bytes(db: Path) -> int:

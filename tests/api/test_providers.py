@@ -16,8 +16,8 @@ from PIL import Image
 from pydantic import SecretStr
 
 from server.config import GeminiSettings, OpenAISettings, Prices
-from server.job import ImageJob
-from server.providers.base import ChatJob, ProviderError
+from server.job import ChatJob, ImageJob
+from server.providers.base import ProviderError
 from server.providers.gemini import GeminiProvider, nearest_aspect, retry_delay_from_details
 from server.providers.openai import OpenAIProvider
 from server.providers.pricing import (

@@ -41,8 +41,8 @@ from server.config import (
     RouterSettings,
     Settings,
 )
-from server.job import ImageJob
-from server.providers.base import ChatJob, ProviderError
+from server.job import ChatJob, ImageJob
+from server.providers.base import ProviderError
 from server.providers.gemini import GeminiProvider
 from server.providers.openai import OpenAIProvider
 from tests.conftest import free_port, serve

@@ -13,10 +13,9 @@ from server.http.deps import (
     new_account,
     unless_disconnected,
 )
-from server.job import Served
-from server.providers.base import ChatJob, ChatOutcome
+from server.job import ChatJob, ChatOutcome, Served
 from server.serving import Serving
-from server.serving.chat import StreamFormat, result_of
+from server.serving.chat import StreamFormat
 from server.wire.openai_chat import ChatRequest, OpenAIChunks, completion_body, completion_id
 
 router = APIRouter()
@@ -63,6 +62,6 @@ async def chat_completions(body: ChatRequest, request: Request, state: State) ->
     if ran is None:
         return Response(status_code=499)
     outcome, served = ran
-    return JSONResponse(completion_body(cid, body.model, result_of(outcome)),
+    return JSONResponse(completion_body(cid, body.model, outcome),
                         headers=served.headers())
 

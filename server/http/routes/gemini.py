@@ -20,8 +20,8 @@ from server.errors import APIError, bad_request
 from server.http.deps import State, deadline_s, json_body
 from server.http.routes.chat import run_chat, stream_chat
 from server.http.routes.images import run_image_job
+from server.job import ChatJob
 from server.media import intake
-from server.providers.base import ChatJob
 from server.services import AppState
 from server.wire.gemini import (
     GeminiAsk,
@@ -108,9 +108,10 @@ async def _chat_job(state: AppState, asked: str, ask: GeminiAsk) -> ChatJob:
         raise bad_request(f"maxOutputTokens is {max_tokens}; this server allows at most "
                           f"{vlm.max_tokens_cap}.", param="generationConfig.maxOutputTokens")
     images = await chat.load_images(ask.sources)
-    return ChatJob(model, ask.messages, images, max_tokens,
-                   1.0 if cfg.temperature is None else cfg.temperature,
-                   1.0 if cfg.top_p is None else cfg.top_p, cfg.stop, cfg.seed)
+    return ChatJob(messages=ask.messages, images=images, max_tokens=max_tokens,
+                   temperature=1.0 if cfg.temperature is None else cfg.temperature,
+                   top_p=1.0 if cfg.top_p is None else cfg.top_p, stop=cfg.stop,
+                   seed=cfg.seed, model=model)
 
 
 async def _text(request: Request, state: AppState, asked: str, ask: GeminiAsk,

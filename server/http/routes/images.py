@@ -22,9 +22,8 @@ from server.http.deps import (
     json_body,
     unless_disconnected,
 )
-from server.job import ImageJob, Served
+from server.job import ImageJob, OutImage, Served
 from server.media import intake
-from server.providers.base import OutImage
 from server.services import AppState
 from server.wire.openai_images import ImageEditRequest, ImageGenerationRequest, images_response
 

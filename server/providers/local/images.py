@@ -12,9 +12,8 @@ from PIL import Image
 from pipelines.base import ImageItem
 from pipelines.registry import WeightsInfo
 from server.errors import queue_full, shutting_down
-from server.job import ImageJob
+from server.job import ImageJob, OutImage
 from server.media.encode import MEDIA_TYPES, encode_image
-from server.providers.base import OutImage
 from server.providers.local.batcher import (
     Batcher,
     BatchPolicy,
