@@ -3,11 +3,7 @@
 Every refusal is an ``APIError(400, ...)`` carrying ``param`` and a specific ``code``; nothing
 here should ever surface as a 500 or hang.
 
-Fetching http(s) URLs is an SSRF surface (vLLM CVE-2025-6242 and the parser-disagreement
-bypasses of its fixes), so a URL is parsed strictly, its host is resolved once, every
-resolved address must be public (or inside ``MediaSettings.allow_networks``), and the
-connection goes to the address that was checked, never to the name again. Redirects are
-followed by hand and every hop gets the same treatment. Bytes and time are capped.
+Fetching http(s) URLs is server/media/fetch.py (the SSRF-safe fetcher).
 
 Decoding is Pillow with a format allow-list and a pixel cap checked before any pixel is
 allocated (decompression bombs), in a worker thread that also fits the image to its use,
@@ -21,68 +17,29 @@ import base64
 import binascii
 import functools
 import io
-import ipaddress
 import logging
 import re
-import socket
-import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
 from PIL import Image, ImageOps
 
 from server.config import MediaSettings
 from server.errors import APIError
 from server.media.budget import PixelBudget
+from server.media.fetch import fetch_url, refuse, scheme_of, show
 
 log = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Fit = Callable[[Image.Image], Image.Image]  # a decoded image -> what it is used at
 T = TypeVar("T")
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _FORMATS_TEXT = "PNG, JPEG, WEBP or GIF"
-_MAX_URL_CHARS = 8192  # http(s) URLs only; data URLs are bounded by max_bytes instead
-_SHOW_CHARS = 100  # never echo more user input than this in a message
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
-# Always refused, even inside allow_networks: an operator allowing 169.254.0.0/16 or
-# 100.64.0.0/10 for some device on the LAN does not mean to hand out cloud credentials.
-_METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, ...
-    "169.254.170.2",    # AWS ECS task metadata
-    "100.100.100.200",  # Alibaba Cloud
-    "fd00:ec2::254",    # AWS IMDS over IPv6
-))
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-# Strict authority: a hostname of DNS characters or a bracketed IPv6 literal, then an
-# optional numeric port. No userinfo, no percent-encoding, no IPv6 zone ids: anything a
-# second parser could read differently is refused instead of interpreted.
-_AUTHORITY_RE = re.compile(r"(?:\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{0,5})?", re.IGNORECASE)
-_SCHEME_RE = re.compile(r"([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 _BASE64_BAD_CHAR = re.compile(r"[^A-Za-z0-9+/_=-]")
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
-
-
-# ---------------------------------------------------------------------------------------
-# errors
-
-
-def _show(text: str) -> str:
-    """User input for a message: quoted, and cut so a huge value cannot flood the reply."""
-    if len(text) > _SHOW_CHARS:
-        return repr(text[:_SHOW_CHARS]) + "..."
-    return repr(text)
-
-
-def _refuse(param: str, message: str, code: str) -> APIError:
-    return APIError(400, f"Invalid value for {param!r}: {message}", param=param, code=code)
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,17 +50,17 @@ async def load_image(ref: str, media: MediaSettings, *, param: str = "image_url"
                      budget: PixelBudget | None = None, fit: Fit | None = None
                      ) -> Image.Image:
     """An RGB image from a data URL or an http(s) URL: ``decode_image`` of its bytes."""
-    scheme = _scheme_of(ref)
+    scheme = scheme_of(ref)
     if scheme == "data":
         # base64 is CPU work too: off the event loop.
         data = await asyncio.to_thread(decode_data_url, ref, media, param=param)
     elif scheme in ("http", "https"):
         data = await fetch_url(ref, media, param=param)
     elif scheme is None:
-        raise _refuse(param, f"{_show(ref)} is not a URL; send an http(s) URL or a "
+        raise refuse(param, f"{show(ref)} is not a URL; send an http(s) URL or a "
                       "data:image/...;base64 URL.", "invalid_image_url")
     else:
-        raise _refuse(param, f"the URL scheme {_show(scheme)} is not accepted; use http, "
+        raise refuse(param, f"the URL scheme {show(scheme)} is not accepted; use http, "
                       "https or data.", "invalid_image_url")
     return await decode_image(data, media, param=param, budget=budget, fit=fit)
 
@@ -131,7 +88,7 @@ def image_size(data: bytes, media: MediaSettings, *, param: str = "image") -> tu
         raise
     except Exception as exc:
         log.debug("image header unreadable: %r", exc)
-        raise _refuse(param, "the image could not be decoded (truncated or corrupt).",
+        raise refuse(param, "the image could not be decoded (truncated or corrupt).",
                       "invalid_image") from None
 
 
@@ -174,10 +131,10 @@ def decode_image_bytes(data: bytes, media: MediaSettings, *, param: str = "image
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _refuse(param, "the image has too many pixels.", "image_too_large") from None
+        raise refuse(param, "the image has too many pixels.", "image_too_large") from None
     except Exception as exc:
         log.debug("image decode failed: %r", exc)
-        raise _refuse(param, f"the {sniffed} image could not be decoded (truncated or "
+        raise refuse(param, f"the {sniffed} image could not be decoded (truncated or "
                       "corrupt).", "invalid_image") from None
     return image if fit is None else fit(image)
 
@@ -185,14 +142,14 @@ def decode_image_bytes(data: bytes, media: MediaSettings, *, param: str = "image
 def _check_encoded(data: bytes, media: MediaSettings, param: str) -> str:
     """The caps on the encoded bytes; returns the format they are."""
     if len(data) > media.max_bytes:
-        raise _refuse(param, f"the image is {len(data)} bytes; the limit is "
+        raise refuse(param, f"the image is {len(data)} bytes; the limit is "
                       f"{media.max_bytes}.", "image_too_large")
     if not data:
-        raise _refuse(param, "the image is empty.", "invalid_image")
+        raise refuse(param, "the image is empty.", "invalid_image")
     sniffed = _sniff_format(data)
     if sniffed not in ALLOWED_FORMATS:
         what = f"a {sniffed} file" if sniffed else "not a recognised image"
-        raise _refuse(param, f"the data is {what}; only {_FORMATS_TEXT} images are "
+        raise refuse(param, f"the data is {what}; only {_FORMATS_TEXT} images are "
                       "accepted.", "unsupported_image_format")
     return sniffed
 
@@ -200,14 +157,14 @@ def _check_encoded(data: bytes, media: MediaSettings, param: str) -> str:
 def decode_data_url(url: str, media: MediaSettings, *, param: str = "image_url") -> bytes:
     """The bytes of a ``data:<mime>[;...];base64,<payload>`` URL."""
     if url[:5].lower() != "data:":
-        raise _refuse(param, f"{_show(url)} is not a data URL.", "invalid_image_url")
+        raise refuse(param, f"{show(url)} is not a data URL.", "invalid_image_url")
     header, comma, payload = url[5:].partition(",")
     if not comma:
-        raise _refuse(param, f"the data URL {_show(header)} has no ',' before its data.",
+        raise refuse(param, f"the data URL {show(header)} has no ',' before its data.",
                       "invalid_image_url")
     params = header.split(";")
     if len(params) < 2 or params[-1].strip().lower() != "base64":
-        raise _refuse(param, f"the data URL header {_show('data:' + header)} must end in "
+        raise refuse(param, f"the data URL header {show('data:' + header)} must end in "
                       "';base64'; only base64-encoded images are accepted.",
                       "invalid_image_url")
     if "%" in payload:
@@ -216,42 +173,32 @@ def decode_data_url(url: str, media: MediaSettings, *, param: str = "image_url")
     return decode_base64(payload, media.max_bytes, param=param)
 
 
-async def fetch_url(url: str, media: MediaSettings, *, param: str = "image_url") -> bytes:
-    """GET an http(s) URL safely: public addresses only, redirects re-checked, capped."""
-    try:
-        async with asyncio.timeout(media.fetch_timeout_s):
-            return await _fetch_following_redirects(url, media, param)
-    except TimeoutError:
-        raise _refuse(param, f"fetching {_show(url)} took longer than "
-                      f"{media.fetch_timeout_s:g} s.", "image_fetch_timeout") from None
-
-
 def decode_base64(data: str, max_bytes: int, *, param: str) -> bytes:
     """Standard or URL-safe base64, padding optional; anything else is refused."""
     # Cheap bound first, so a huge payload is refused before it is scanned or copied.
     if len(data) // 4 * 3 > max_bytes + 3:
-        raise _refuse(param, f"the encoded image is about {len(data) // 4 * 3} bytes; the "
+        raise refuse(param, f"the encoded image is about {len(data) // 4 * 3} bytes; the "
                       f"limit is {max_bytes}.", "image_too_large")
     bad = _BASE64_BAD_CHAR.search(data)
     if bad is not None:
-        raise _refuse(param, f"the base64 data has an invalid character {bad.group()!r} at "
+        raise refuse(param, f"the base64 data has an invalid character {bad.group()!r} at "
                       f"position {bad.start()}.", "invalid_image")
     body = data.rstrip("=")
     if "=" in body:
-        raise _refuse(param, "the base64 data has '=' padding before its end.",
+        raise refuse(param, "the base64 data has '=' padding before its end.",
                       "invalid_image")
     if not body:
-        raise _refuse(param, "the base64 data is empty.", "invalid_image")
+        raise refuse(param, "the base64 data is empty.", "invalid_image")
     if len(body) % 4 == 1:  # no whole byte fits in 6 bits: the data was cut off
-        raise _refuse(param, "the base64 data is truncated (its length is not valid).",
+        raise refuse(param, "the base64 data is truncated (its length is not valid).",
                       "invalid_image")
     padded = body.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(body) % 4)
     try:
         decoded = base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
-        raise _refuse(param, "the data is not valid base64.", "invalid_image") from None
+        raise refuse(param, "the data is not valid base64.", "invalid_image") from None
     if len(decoded) > max_bytes:
-        raise _refuse(param, f"the image is {len(decoded)} bytes; the limit is {max_bytes}.",
+        raise refuse(param, f"the image is {len(decoded)} bytes; the limit is {max_bytes}.",
                       "image_too_large")
     return decoded
 
@@ -290,272 +237,8 @@ def _open_checked(data: bytes, media: MediaSettings, param: str) -> Image.Image:
     image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     width, height = image.size
     if width <= 0 or height <= 0:
-        raise _refuse(param, f"the image is {width}x{height} pixels.", "invalid_image")
+        raise refuse(param, f"the image is {width}x{height} pixels.", "invalid_image")
     if width * height > media.max_pixels:
-        raise _refuse(param, f"the image is {width}x{height} = {width * height} pixels; the "
+        raise refuse(param, f"the image is {width}x{height} = {width * height} pixels; the "
                       f"limit is {media.max_pixels}.", "image_too_large")
     return image
-
-
-# ---------------------------------------------------------------------------------------
-# URL checks
-
-
-@dataclass(frozen=True)
-class _Target:
-    """An http(s) URL that passed the syntax checks, split into what the fetch needs."""
-
-    url: str
-    scheme: str
-    host: str          # lower-case, IPv6 without brackets: what gets resolved
-    port: int
-    host_header: str   # the authority as written: what the server sees in Host
-    path_query: str    # starts with '/'
-
-
-def _scheme_of(ref: str) -> str | None:
-    match = _SCHEME_RE.match(ref)
-    return match.group(1).lower() if match else None
-
-
-def _parse_http_url(url: str, param: str) -> _Target:
-    def bad(why: str) -> APIError:
-        return _refuse(param, f"the URL {_show(url)} {why}", "invalid_image_url")
-
-    if len(url) > _MAX_URL_CHARS:
-        raise bad(f"is longer than {_MAX_URL_CHARS} characters.")
-    # Backslashes, whitespace and control characters are where URL parsers disagree
-    # (http://allowed\@127.0.0.1/ reads as two different hosts); refuse, don't interpret.
-    for ch in url:
-        if ch == "\\" or ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
-            raise bad(f"contains the character {ch!r}; it must not.")
-    scheme = _scheme_of(url)
-    if scheme not in ("http", "https"):
-        shown = _show(scheme) if scheme else "(none)"
-        raise bad(f"has the scheme {shown}; only http and https URLs are fetched.")
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # e.g. an unbalanced '[' in the host
-        raise bad("cannot be parsed.") from None
-    netloc = parts.netloc
-    if not netloc:
-        raise bad("has no host.")
-    if "@" in netloc:
-        raise bad("contains credentials ('@' before the host); they are not accepted.")
-    if not _AUTHORITY_RE.fullmatch(netloc):
-        raise bad("has an invalid host or port.")
-    host = parts.hostname or ""
-    if not host:
-        raise bad("has no host.")
-    if netloc.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad("has an invalid IPv6 address.") from None
-    try:
-        port = parts.port
-    except ValueError:
-        raise bad("has an invalid port.") from None
-    if port == 0:
-        raise bad("has an invalid port.")
-    path_query = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(url=url, scheme=scheme, host=host,
-                   port=port or (443 if scheme == "https" else 80),
-                   host_header=netloc, path_query=path_query)
-
-
-@functools.lru_cache(maxsize=16)
-def _allowed_networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    networks = []
-    for cidr in cidrs:
-        try:
-            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
-        except ValueError:
-            log.warning("media.allow_networks: ignoring invalid network %r", cidr)
-    return tuple(networks)
-
-
-def _addresses_to_judge(addr: IPAddress) -> list[IPAddress]:
-    """The address(es) whose nature decides whether ``addr`` may be reached.
-
-    IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) forms are only a way of
-    writing an IPv4 destination: judge that IPv4 address alone. 6to4 and Teredo addresses
-    are real IPv6 addresses that also embed one: both must pass.
-    """
-    if isinstance(addr, ipaddress.IPv4Address):
-        return [addr]
-    if addr.ipv4_mapped is not None:
-        return [addr.ipv4_mapped]
-    if addr in _NAT64:
-        return [ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)]
-    if addr.sixtofour is not None:
-        return [addr, addr.sixtofour]
-    if addr.teredo is not None:
-        return [addr, addr.teredo[1]]
-    return [addr]
-
-
-def _refusal_reason(addr: IPAddress, allowed: tuple[IPNetwork, ...]) -> str | None:
-    """Why ``addr`` must not be fetched from, or None if it may."""
-    judged = _addresses_to_judge(addr)
-    if any(a in _METADATA_ADDRESSES for a in judged):
-        return "a cloud metadata address"
-    if any(a in net for a in [addr, *judged] for net in allowed):
-        return None
-    for a in judged:
-        for kind in ("loopback", "private", "link_local", "multicast", "unspecified",
-                     "reserved"):
-            if getattr(a, f"is_{kind}"):
-                return f"a {kind.replace('_', '-')} address"
-        if not a.is_global:  # e.g. 100.64.0.0/10 (shared address space)
-            return "a non-public address"
-    return None
-
-
-def _host_refused(target: _Target, param: str, detail: str) -> APIError:
-    """One answer for a host name that does not resolve and one that resolves somewhere
-    private: telling them apart would let a client map the internal DNS. The operator
-    still sees which it was (logged at INFO, without the client's key)."""
-    log.info("image fetch refused: %r %s", target.host[:_SHOW_CHARS], detail)
-    return _refuse(param, f"the host {_show(target.host)} does not resolve to a public "
-                   "address; images are only fetched from public addresses.",
-                   "image_url_refused")
-
-
-async def _resolve_checked(target: _Target, media: MediaSettings,
-                           param: str) -> list[IPAddress]:
-    """Resolve the host once; every address must be fetchable, or the URL is refused."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise _host_refused(target, param, f"could not be resolved ({exc})") from None
-    addresses: list[IPAddress] = []
-    for *_, sockaddr in infos:
-        # A link-local IPv6 result may carry a zone ("fe80::1%eth0"); the zone is not
-        # part of the address being judged.
-        addr = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if addr not in addresses:
-            addresses.append(addr)
-    if not addresses:
-        raise _host_refused(target, param, "resolved to no address")
-    allowed = _allowed_networks(tuple(media.allow_networks))
-    for addr in addresses:
-        reason = _refusal_reason(addr, allowed)
-        if reason is None:
-            continue
-        if not _is_ip_literal(target.host):
-            raise _host_refused(target, param, f"resolves to {addr}, {reason}")
-        # The client wrote the address itself: naming why it is refused tells it nothing.
-        raise _refuse(param, f"{addr} is {reason}; images are only fetched from public "
-                      "addresses.", "image_url_refused")
-    return addresses
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------
-# fetching
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    # Built once: loading the CA bundle per request costs tens of milliseconds.
-    try:
-        import certifi
-        return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:
-        return ssl.create_default_context()
-
-
-async def _fetch_following_redirects(url: str, media: MediaSettings, param: str) -> bytes:
-    current = url
-    for _ in range(media.max_redirects + 1):
-        target = _parse_http_url(current, param)
-        addresses = await _resolve_checked(target, media, param)
-        outcome = await _get_from_any(target, addresses, media, param)
-        if isinstance(outcome, bytes):
-            return outcome
-        # A redirect: resolve it against the current URL and start over with every check.
-        current = urllib.parse.urljoin(current, outcome)
-    raise _refuse(param, f"fetching {_show(url)} was redirected more than "
-                  f"{media.max_redirects} times.", "image_fetch_failed")
-
-
-async def _get_from_any(target: _Target, addresses: list[IPAddress], media: MediaSettings,
-                        param: str) -> bytes | str:
-    """Try the checked addresses in resolver order (e.g. IPv6 first, then IPv4)."""
-    failure = ""
-    for addr in addresses:
-        try:
-            return await _get(target, addr, media, param)
-        except httpx.ConnectError as exc:
-            failure = str(exc) or type(exc).__name__
-    raise _refuse(param, f"could not connect to {_show(target.host_header)}: "
-                  f"{failure[:_SHOW_CHARS]}", "image_fetch_failed")
-
-
-async def _get(target: _Target, addr: IPAddress, media: MediaSettings,
-               param: str) -> bytes | str:
-    """One GET to one checked address: the body, or the Location of a redirect."""
-    ip_text = f"[{addr}]" if addr.version == 6 else str(addr)
-    # The URL names the checked address, so nothing re-resolves the host; Host and SNI
-    # carry the real name so virtual hosting and certificate checks still work.
-    url = f"{target.scheme}://{ip_text}:{target.port}{target.path_query}"
-    headers = {"Host": target.host_header, "User-Agent": "Spillway-image-fetch",
-               "Accept": "image/*", "Accept-Encoding": "identity"}
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    # A fresh client per hop: a shared pool keys connections by address only and could
-    # reuse a TLS session verified for a different name on the same IP.
-    client = httpx.AsyncClient(verify=_ssl_context(), trust_env=False,
-                               follow_redirects=False,
-                               timeout=httpx.Timeout(media.fetch_timeout_s))
-    try:
-        async with client, client.stream("GET", url, headers=headers,
-                                         extensions=extensions) as response:
-            return await _read_response(response, target, media, param)
-    except httpx.ConnectError:
-        raise  # the caller tries the next address
-    except httpx.TimeoutException:
-        raise _refuse(param, f"fetching {_show(target.url)} timed out.",
-                      "image_fetch_timeout") from None
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise _refuse(param, f"fetching {_show(target.url)} failed: "
-                      f"{(str(exc) or type(exc).__name__)[:_SHOW_CHARS]}",
-                      "image_fetch_failed") from None
-
-
-async def _read_response(response: httpx.Response, target: _Target, media: MediaSettings,
-                         param: str) -> bytes | str:
-    status = response.status_code
-    if status in _REDIRECT_STATUSES:
-        location = response.headers.get("location")
-        if not location:
-            raise _refuse(param, f"{_show(target.url)} answered HTTP {status} without a "
-                          "Location.", "image_fetch_failed")
-        return str(location)
-    if not 200 <= status < 300:
-        raise _refuse(param, f"{_show(target.url)} answered HTTP {status}.",
-                      "image_fetch_failed")
-    # We asked for identity; a compressed body would have to be inflated without a bound.
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise _refuse(param, f"{_show(target.url)} sent a {_show(encoding)}-encoded body; "
-                      "only uncompressed responses are accepted.", "image_fetch_failed")
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > media.max_bytes:
-        raise _refuse(param, f"{_show(target.url)} is {declared} bytes; the limit is "
-                      f"{media.max_bytes}.", "image_too_large")
-    body = bytearray()
-    async for chunk in response.aiter_raw():
-        body += chunk
-        if len(body) > media.max_bytes:
-            raise _refuse(param, f"{_show(target.url)} is larger than the limit of "
-                          f"{media.max_bytes} bytes.", "image_too_large")
-    return bytes(body)

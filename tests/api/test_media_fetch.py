@@ -27,8 +27,9 @@ from PIL import Image
 
 from server.config import MediaSettings
 from server.errors import APIError
-from server.media import intake as media_module
-from server.media.intake import fetch_url, load_image
+from server.media import fetch as fetch_module
+from server.media.fetch import fetch_url
+from server.media.intake import load_image
 
 PUBLIC = "127.0.0.2"  # stands in for a public server; allow-listed where used
 ALLOW_PUBLIC = MediaSettings(allow_networks=[f"{PUBLIC}/32"], fetch_timeout_s=5.0)
@@ -351,7 +352,7 @@ def test_private_and_unresolvable_hosts_read_the_same(canary: Server,
     """Otherwise the refusal is a DNS oracle: a client could tell which internal names
     exist ("resolves to a private address") from which do not ("could not be resolved").
     The operator's log still tells them apart."""
-    with caplog.at_level(logging.INFO, logger="server.media.intake"):
+    with caplog.at_level(logging.INFO, logger="server.media.fetch"):
         private = refused(f"http://localhost:{canary.port}/x.png")
         missing = refused(f"http://no-such-host.invalid:{canary.port}/x.png")
     assert private.code == missing.code == "image_url_refused"
@@ -359,7 +360,7 @@ def test_private_and_unresolvable_hosts_read_the_same(canary: Server,
         "no-such-host.invalid", "HOST")
     assert "loopback" not in private.message and "resolved" not in missing.message.replace(
         "does not resolve", "")
-    logged = [r.getMessage() for r in caplog.records if r.name == "server.media.intake"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "server.media.fetch"]
     assert any("localhost" in m and "loopback" in m for m in logged), logged
     assert any("no-such-host.invalid" in m and "could not be resolved" in m for m in logged)
     assert canary.connections == 0
@@ -493,7 +494,7 @@ def test_https_verifies_the_name_not_the_address(serve: Callable[..., Server],
     # Trusting it, the fetch works although the connection goes to 127.0.0.1: the
     # certificate names only "localhost", so verification used the URL's name (via SNI).
     client_ctx = ssl.create_default_context(cafile=str(cert))
-    monkeypatch.setattr(media_module, "_ssl_context", lambda: client_ctx)
+    monkeypatch.setattr(fetch_module, "_ssl_context", lambda: client_ctx)
     assert asyncio.run(fetch_url(url, media)) == PNG
     assert "localhost" in seen_sni
     assert server.requests[-1] == ("/x.png", f"localhost:{server.port}")
