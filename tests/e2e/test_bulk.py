@@ -23,7 +23,9 @@ from PIL import Image
 
 from server.app import create_app
 from server.config import Settings
-from server.tools.bulk import MANIFEST, BulkError, BulkInputError, run_bulk
+from server.tools.bulk import BulkError, run_bulk
+from server.tools.bulk.folder import MANIFEST
+from server.tools.bulk.rows import BulkInputError
 from tests.conftest import free_port, serve
 
 ROOT = Path(__file__).resolve().parents[2]
