@@ -1,12 +1,12 @@
 """All settings, from ``SPILLWAY_*`` environment variables (nested with ``__``).
 
-Nothing here is read at import time: ``get_settings()`` builds the object on first use
-and tests pass their own ``Settings`` to ``create_app``.
+Nothing here is read at import time: the CLI builds one ``Settings`` when it starts (its
+options override the environment) and hands it down; tests pass their own to
+``create_app``.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -211,8 +211,3 @@ class Settings(BaseSettings):
     storage_min_free_mb: int = Field(
         64, ge=0, description="/readyz reports storage trouble below this much free space "
         "where batch files and the SQLite ledger live")
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

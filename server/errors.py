@@ -66,3 +66,10 @@ def insufficient_storage() -> APIError:
 
 def server_error(message: str = "The server failed to process this request.") -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
+
+
+def context_error(prompt_tokens: int, max_tokens: int, context: int) -> APIError:
+    return APIError(400, f"This model's maximum context length is {context} tokens. However, "
+                    f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                    f"messages, {max_tokens} in the completion).", param="messages",
+                    code="context_length_exceeded")

@@ -26,6 +26,11 @@ class JobView:
     cost_estimate: dict[str, float]  # provider -> USD this job would cost there
 
 
+# Floating-point slack when comparing money against a limit: 0.1 + 0.2 spent of a 0.3
+# budget is "exactly at the limit", not over it.
+MONEY_EPS = 1e-9
+
+
 @dataclass(frozen=True)
 class CloudState:
     configured: bool
@@ -35,8 +40,10 @@ class CloudState:
     budget: float | None  # None: no cap for this provider
 
     def usable(self, cost: float, total_left: float | None) -> bool:
-        within = self.budget is None or self.spent_today + cost <= self.budget
-        within_total = total_left is None or cost <= total_left
+        """Configured, circuit closed (or half-open), a rate slot now, and ``cost`` more
+        within its own daily budget and what is left of the total one."""
+        within = self.budget is None or self.spent_today + cost <= self.budget + MONEY_EPS
+        within_total = total_left is None or cost <= total_left + MONEY_EPS
         return (self.configured and self.circuit_ok and self.rate_wait_s <= 0
                 and within and within_total)
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 from pipelines.vlm import ChatItem
 from server.catalog import CLOUDS, Task, cloud_of, local_chat_model, local_ids
 from server.config import Settings
-from server.errors import APIError
+from server.errors import APIError, context_error
 from server.job import ChatJob, ChatOutcome, ImageJob, OutImage, Served
 from server.providers import pricing
 from server.providers.base import CloudProvider, ProviderError
@@ -31,7 +31,6 @@ from server.retry_after import retry_headers
 from server.routing.decide import CloudState, JobView, Policy, Route, Signals, decide
 from server.routing.limits import CircuitBreaker, RateLimiter
 from server.store.ledger import Ledger, UsageRow
-from server.wire.openai_chat import context_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -45,11 +45,7 @@ log = logging.getLogger(__name__)
 LOCAL_ROUTE = "local"
 # Rows held in memory while the database refuses writes (a full disk): about 1 KB each.
 MAX_HELD = 100_000
-TOTAL_BUDGET = "total"
 GROUPS = ("route", "model", "day", "endpoint", "key")
-# Floating-point slack when comparing money against a limit: 0.1 + 0.2 spent of a 0.3
-# budget is "exactly at the limit", not over it.
-_MONEY_EPS = 1e-9
 
 
 def _utc(at: datetime) -> datetime:
@@ -256,18 +252,6 @@ class Ledger:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def spent_today(self, route: str | None = None, *, now: datetime | None = None) -> float:
-        """USD spent on ``route`` (None: every route but local) during the UTC day of ``now``."""
-        start, end = _day_bounds(now)
-        q = select(func.coalesce(func.sum(UsageRecord.cost_usd), 0.0)).where(
-            UsageRecord.at >= start, UsageRecord.at < end)
-        if route is None:
-            q = q.where(UsageRecord.route != LOCAL_ROUTE)
-        else:
-            q = q.where(UsageRecord.route == route)
-        with self._read() as s:
-            return float(s.execute(q).scalar_one())
-
     def spent_today_by_route(self, *, now: datetime | None = None) -> dict[str, float]:
         """USD spent per route (local included) during the UTC day of ``now``."""
         start, end = _day_bounds(now)
@@ -369,15 +353,6 @@ class Ledger:
         with self._read() as s:
             return int(s.execute(select(func.max(UsageRecord.id))).scalar() or 0)
 
-    def rows(self, limit: int = 100) -> list[UsageRow]:
-        """The latest ``limit`` rows, newest first."""
-        q = (select(UsageRecord)
-             .order_by(UsageRecord.at.desc(), UsageRecord.id.desc()).limit(limit))
-        with self._read() as s:
-            recs = s.execute(q).scalars().all()
-            return [UsageRow(**{name: getattr(r, name) for name in _ROW_FIELDS})
-                    for r in recs]
-
     def close(self) -> None:
         self.engine.dispose()
 
@@ -397,23 +372,3 @@ def _within(q: Q, since: datetime | None, until: datetime | None, only_key: str 
     if only_key is not None:
         q = q.where(UsageRecord.key_id == only_key)
     return q
-
-
-def within_budget(spent_by_route: dict[str, float], route: str, cost_estimate: float,
-                  budgets: dict[str, float]) -> bool:
-    """May ``cost_estimate`` more be spent on ``route`` today?
-
-    Checks the route's own daily budget (if it has one) and the "total" budget (if set),
-    which caps the sum over cloud routes: every route but "local" (a "total" key in
-    ``spent_by_route`` is ignored). Spending that lands exactly on a limit is allowed.
-    Routes without a budget entry are unlimited except for "total"; local work never
-    counts towards "total".
-    """
-    limit = budgets.get(route)
-    if limit is not None and spent_by_route.get(route, 0.0) + cost_estimate > limit + _MONEY_EPS:
-        return False
-    total = budgets.get(TOTAL_BUDGET)
-    if total is None or route == LOCAL_ROUTE:
-        return True
-    cloud = sum(v for r, v in spent_by_route.items() if r not in (LOCAL_ROUTE, TOTAL_BUDGET))
-    return cloud + cost_estimate <= total + _MONEY_EPS

@@ -136,13 +136,6 @@ def max_tokens_of(req: ChatRequest, default: int, cap: int) -> int:
     return asked
 
 
-def context_error(prompt_tokens: int, max_tokens: int, context: int) -> APIError:
-    return APIError(400, f"This model's maximum context length is {context} tokens. However, "
-                    f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                    f"messages, {max_tokens} in the completion).", param="messages",
-                    code="context_length_exceeded")
-
-
 def completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 

@@ -19,9 +19,9 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.store.ledger import Ledger
 from tests.api.test_batches import gen_line, jsonl, lines_of, wait
 from tests.conftest import serve
+from tests.ledger_rows import ledger_rows
 
 GEN = "/v1/images/generations"
 
@@ -108,6 +108,6 @@ def test_a_full_disk_loses_nothing(tiny_weights: Path, small_disk: Path) -> None
         assert [r["custom_id"] for r in lines_of(c, done.output_file_id)] == \
             [f"r{i}" for i in range(6)]
         assert done.error_file_id is None
-    rows = [r for r in Ledger(url).rows(1000) if r.endpoint == GEN]
+    rows = [r for r in ledger_rows(url, 1000) if r.endpoint == GEN]
     assert len([r for r in rows if r.request_id and not r.request_id.startswith("batch_")]) \
         == 2  # both direct requests, the one made while full included

@@ -33,6 +33,7 @@ from server.store.ledger import Ledger
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.gemini_server import running_fake_gemini
+from tests.ledger_rows import ledger_rows
 
 VERSIONS = ("v1", "v1beta")
 GEMINI_KEY = "test-gemini-compat-key-0123"
@@ -340,7 +341,7 @@ def test_keys_in_x_goog_api_key_and_quota_as_resource_exhausted(tiny_weights: Pa
         _gemini_error(r3, 429, "RESOURCE_EXHAUSTED")
         # the ledger has the answered request under the key's name and the asked model,
         # and the refused one at no cost
-        rows = [r for r in Ledger(url).rows() if r.key_name == "gemini-team"]
+        rows = [r for r in ledger_rows(url) if r.key_name == "gemini-team"]
         assert [(r.status, r.route, r.images, r.model) for r in reversed(rows)] == [
             (200, "local", 1, "gemini-2.5-flash-image"),
             (429, "none", 0, "gemini-2.5-flash-image"),

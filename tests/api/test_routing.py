@@ -35,6 +35,7 @@ from tests.api.gated import Device, wait_for
 from tests.conftest import serve
 from tests.fakes.gemini_server import running_fake_gemini
 from tests.fakes.openai_server import running_fake_openai
+from tests.ledger_rows import ledger_rows
 
 OPENAI_KEY = "sk-test-routing-0123456789abcdef"
 GEMINI_KEY = "test-gemini-routing-key-0123"
@@ -282,7 +283,7 @@ def test_ledger_sums_equal_the_headers_and_failures_are_free(tiny_weights, devic
         assert routes == ["local", "openai", "gemini", "openai", "local"]
     ledger = Ledger(f"sqlite:///{path}")
     try:
-        rows = ledger.rows()
+        rows = ledger_rows(ledger)
         assert len(rows) == 5
         assert sum(row.cost_usd for row in rows) == pytest.approx(headers_total, abs=1e-5)
         by_route = {t["group"]: t for t in ledger.totals(group_by="route")}

@@ -20,6 +20,7 @@ from server.store.keys import KeyStore
 from server.store.ledger import Ledger
 from tests.api.test_batches import gen_line, lines_of, submit, wait
 from tests.conftest import serve
+from tests.ledger_rows import ledger_rows
 
 ADMIN = "admin-secret-for-trust-tests-0123"
 
@@ -41,7 +42,7 @@ def test_the_admin_keys_batches_run(tiny_weights: Path, tmp_path: Path) -> None:
         done = wait(admin, submit(admin, [gen_line("a", "one"), gen_line("b", "two")]).id)
         assert done.status == "completed", lines_of(admin, done.error_file_id)
         assert [r["custom_id"] for r in lines_of(admin, done.output_file_id)] == ["a", "b"]
-    rows = [r for r in Ledger(settings.ledger_url).rows() if r.reason and "batch" in r.reason]
+    rows = [r for r in ledger_rows(settings.ledger_url) if r.reason and "batch" in r.reason]
     assert {(r.key_name, r.images) for r in rows} == {("admin", 1)} and len(rows) == 2
 
 
@@ -119,7 +120,7 @@ def test_concurrent_requests_cannot_pass_a_quota(tiny_weights: Path, tmp_path: P
         assert served == 5
         with pytest.raises(openai.RateLimitError):  # spent for the day
             client.images.generate(prompt="x", size="256x256")
-    images = sum(r.images for r in Ledger(url).rows() if r.key_name == "five")
+    images = sum(r.images for r in ledger_rows(url) if r.key_name == "five")
     assert images == 5
 
 
@@ -130,7 +131,7 @@ def test_a_batch_cannot_pass_its_keys_quota(tiny_weights: Path, tmp_path: Path) 
         out, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
     assert len(out) == 5 and len(errors) == 15
     assert {e["response"]["body"]["error"]["code"] for e in errors} == {"insufficient_quota"}
-    images = sum(r.images for r in Ledger(url).rows() if r.key_name == "five")
+    images = sum(r.images for r in ledger_rows(url) if r.key_name == "five")
     assert images == 5
 
 

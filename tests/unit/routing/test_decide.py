@@ -91,6 +91,27 @@ def test_budget_spent_means_no_spilling() -> None:
     assert (full.status, full.code) == (429, "queue_full")
 
 
+def state(spent: float, budget: float | None) -> CloudState:
+    return CloudState(True, True, 0, spent_today=spent, budget=budget)
+
+
+def test_the_budget_rule_at_and_over_the_limit() -> None:
+    assert state(0, 20).usable(20.0, None)  # exactly at the limit
+    assert not state(0, 20).usable(20.01, None)
+    assert state(19, 20).usable(1.0, None)
+    assert not state(19, 20).usable(1.000001, None)
+    assert not state(20, 20).usable(0.01, None)
+    assert state(20, 20).usable(0.0, None)
+    # float sums that land on the limit are on it, not over it
+    assert state(0.1 + 0.2, 0.3).usable(0.0, None)
+    assert state(0.1, 0.3).usable(0.2, 0.3 - 0.1)
+    # what is left of the total binds as well; no budget is no limit; zero allows free work
+    assert not state(0, None).usable(1.5, 1.0)
+    assert state(1e6, None).usable(1e6, None)
+    assert state(0, 0.0).usable(0.0, None)
+    assert not state(0, 0.0).usable(0.001, None)
+
+
 def test_rate_limited_cloud_is_skipped() -> None:
     limited = CloudState(True, True, 3.0, 0, 10)
     route = decide(job(), signals(wait=99, openai=limited), POLICY)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from server.store.ledger import Ledger, UsageRow, within_budget
+from server.store.ledger import Ledger, UsageRow
+from tests.ledger_rows import ledger_rows
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 YESTERDAY = NOW - timedelta(days=1)
@@ -115,18 +116,16 @@ def test_totals_window(ledger: Ledger) -> None:
 def test_spent_today(ledger: Ledger) -> None:
     for r in SAMPLE:
         ledger.record(r)
-    # local spend and yesterday's rows do not count
-    assert ledger.spent_today(now=NOW) == pytest.approx(0.042 + 0.039 + 0.0003, abs=1e-9)
-    assert ledger.spent_today("openai", now=NOW) == pytest.approx(0.0423, abs=1e-9)
-    assert ledger.spent_today("gemini", now=NOW) == pytest.approx(0.039, abs=1e-9)
-    assert ledger.spent_today("local", now=NOW) == pytest.approx(0.0035, abs=1e-9)
-    assert ledger.spent_today("openai", now=YESTERDAY) == pytest.approx(0.011, abs=1e-9)
+    # yesterday's rows do not count
+    assert ledger.spent_today_by_route(now=NOW) == pytest.approx(
+        {"local": 0.0035, "openai": 0.0423, "gemini": 0.039}, abs=1e-9)
+    assert ledger.spent_today_by_route(now=YESTERDAY)["openai"] == pytest.approx(0.011,
+                                                                                abs=1e-9)
     # midnight boundaries: the first instant of the day counts, the next day's does not
-    assert ledger.spent_today(now=NOW + timedelta(days=1)) == 0.0
+    assert ledger.spent_today_by_route(now=NOW + timedelta(days=1)) == {}
     midnight = NOW.replace(hour=0)
     ledger.record(row("openai", 1.0, at=midnight))
     ledger.record(row("openai", 2.0, at=midnight + timedelta(days=1)))
-    assert ledger.spent_today("openai", now=NOW) == pytest.approx(1.0423, abs=1e-9)
     assert ledger.spent_today_by_route(now=NOW) == pytest.approx(
         {"local": 0.0035, "openai": 1.0423, "gemini": 0.039}, abs=1e-9)
 
@@ -134,8 +133,8 @@ def test_spent_today(ledger: Ledger) -> None:
 def test_spent_today_defaults_to_now(ledger: Ledger) -> None:
     ledger.record(UsageRow(endpoint=GEN, model="m", route="openai", upstream_model="m",
                            outcome="ok", status=200, cost_usd=0.5))
-    assert ledger.spent_today() == pytest.approx(0.5)
-    (r,) = ledger.rows()
+    assert ledger.spent_today_by_route() == pytest.approx({"openai": 0.5})
+    (r,) = ledger_rows(ledger)
     assert r.at is not None and r.at.tzinfo is not None
     assert abs((datetime.now(UTC) - r.at).total_seconds()) < 60
 
@@ -143,17 +142,17 @@ def test_spent_today_defaults_to_now(ledger: Ledger) -> None:
 def test_rows_newest_first_and_round_trip(ledger: Ledger) -> None:
     ids = [ledger.record(r) for r in SAMPLE]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    got = ledger.rows()
+    got = ledger_rows(ledger)
     assert len(got) == len(SAMPLE)
     assert got[-1] == SAMPLE[-1]  # yesterday's row is the oldest; everything round-trips
     assert got[0] == SAMPLE[-2]  # same instant as the others, recorded last
-    assert len(ledger.rows(limit=2)) == 2
+    assert len(ledger_rows(ledger, limit=2)) == 2
     full = UsageRow(endpoint=CHAT, model="gpt-4o", route="openai", upstream_model="gpt-4o",
                     outcome="error", status=502, latency_ms=12.5, queue_ms=3.25,
                     request_id="req_1", key_name="k", reason="failover",
                     at=NOW + timedelta(hours=1))
     ledger.record(full)
-    assert ledger.rows(1) == [full]
+    assert ledger_rows(ledger, 1) == [full]
 
 
 def test_budget_survives_restart(tmp_path: Path) -> None:
@@ -164,12 +163,8 @@ def test_budget_survives_restart(tmp_path: Path) -> None:
     first.close()
     second = Ledger(url)
     try:
-        assert second.spent_today(now=NOW) == pytest.approx(16.5)
-        assert second.spent_today("openai", now=NOW) == pytest.approx(12.5)
-        spent = second.spent_today_by_route(now=NOW)
-        budgets = {"openai": 20.0, "gemini": 20.0, "total": 20.0}
-        assert within_budget(spent, "openai", 3.5, budgets)
-        assert not within_budget(spent, "openai", 3.6, budgets)
+        assert second.spent_today_by_route(now=NOW) == pytest.approx(
+            {"openai": 12.5, "gemini": 4.0})
     finally:
         second.close()
 
@@ -236,7 +231,8 @@ def test_concurrent_records_lose_nothing(tmp_path: Path, where: str) -> None:
         keys = by_group(led.totals(group_by="key"))
         assert {k: v["requests"] for k, v in keys.items()} == {
             f"t{t}": per_thread for t in range(threads)}
-        assert led.spent_today("openai", now=NOW) == pytest.approx(0.01 * n, abs=1e-9)
+        assert led.spent_today_by_route(now=NOW)["openai"] == pytest.approx(0.01 * n,
+                                                                            abs=1e-9)
     finally:
         led.close()
         other.close()
@@ -247,58 +243,11 @@ def test_in_memory_ledger() -> None:
         for r in SAMPLE:
             led.record(r)
         # every session sees the one database
-        assert led.spent_today(now=NOW) == pytest.approx(0.0813, abs=1e-9)
-        assert len(led.rows()) == len(SAMPLE)
+        cloud = sum(v for k, v in led.spent_today_by_route(now=NOW).items() if k != "local")
+        assert cloud == pytest.approx(0.0813, abs=1e-9)
+        assert len(ledger_rows(led)) == len(SAMPLE)
         assert {d["group"] for d in led.totals()} == {"local", "openai", "gemini"}
     with Ledger("sqlite:///:memory:") as other:  # a fresh, empty one
-        assert other.rows() == []
-        assert other.spent_today() == 0.0
+        assert ledger_rows(other) == []
+        assert other.spent_today_by_route() == {}
         assert other.totals() == []
-
-
-# -- within_budget --------------------------------------------------------------------------
-
-BUDGETS = {"openai": 20.0, "gemini": 20.0, "total": 30.0}
-
-
-def test_within_budget_route_limit() -> None:
-    assert within_budget({}, "openai", 20.0, BUDGETS)  # exactly at the limit
-    assert not within_budget({}, "openai", 20.01, BUDGETS)
-    assert within_budget({"openai": 19.0}, "openai", 1.0, BUDGETS)
-    assert not within_budget({"openai": 19.0}, "openai", 1.000001, BUDGETS)
-    assert not within_budget({"openai": 20.0}, "openai", 0.01, BUDGETS)
-    assert within_budget({"openai": 20.0}, "openai", 0.0, BUDGETS)
-    # float sums that land on the limit are on it, not over it
-    assert within_budget({"openai": 0.1 + 0.2}, "openai", 0.0, {"openai": 0.3})
-    assert within_budget({"openai": 0.1}, "openai", 0.2, {"openai": 0.3, "total": 0.3})
-
-
-def test_within_budget_total_binds_across_providers() -> None:
-    spent = {"openai": 15.0, "gemini": 14.0}
-    assert within_budget(spent, "gemini", 1.0, BUDGETS)  # 30 of 30
-    assert not within_budget(spent, "gemini", 1.5, BUDGETS)  # gemini fine, total not
-    assert not within_budget(spent, "openai", 1.5, BUDGETS)
-    # local spend does not count towards the cloud total, nor is it limited by it
-    assert within_budget({**spent, "local": 100.0}, "openai", 1.0, BUDGETS)
-    assert within_budget({"openai": 30.0}, "local", 5.0, BUDGETS)
-    # a stray "total" entry in the spend is not double-counted
-    assert within_budget({**spent, "total": 29.0}, "openai", 1.0, BUDGETS)
-
-
-def test_within_budget_missing_entries() -> None:
-    # no entry for the route: only "total" limits it
-    assert within_budget({"azure": 1000.0}, "azure", 1.0, {"openai": 1.0})
-    assert within_budget({}, "azure", 30.0, BUDGETS)
-    assert not within_budget({}, "azure", 30.5, BUDGETS)
-    assert not within_budget({"openai": 10.0, "gemini": 10.0}, "azure", 10.5, BUDGETS)
-    # no total: the per-route limits alone
-    per_route = {"openai": 20.0, "gemini": 20.0}
-    assert within_budget({"openai": 20.0}, "gemini", 20.0, per_route)
-    assert not within_budget({"openai": 20.0}, "openai", 0.5, per_route)
-    # no budgets at all: unlimited
-    assert within_budget({"openai": 1e6}, "openai", 1e6, {})
-    # a zero budget allows only free work
-    assert within_budget({}, "openai", 0.0, {"openai": 0.0})
-    assert not within_budget({}, "openai", 0.001, {"openai": 0.0})
-    # a local limit applies to local
-    assert not within_budget({"local": 5.0}, "local", 1.0, {"local": 5.0, "total": 100.0})
