@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class Accounted(Protocol):
-    """What the line reads of a request's account (server/http/routes/common.py ``Account``):
+    """What the line reads of a request's account (server/serving/accounting.py ``Account``):
     an observer names only what it reads, and imports nothing above it."""
 
     @property
