@@ -24,8 +24,11 @@ from server.app import create_app
 from server.config import BatchSettings, Settings
 from server.providers.local.images import LocalImages
 from server.providers.local.loading import batch_policy
+from server.store.keys import KeyStore
+from server.store.ledger import Ledger
 from tests.api.gated import Device, wait_for
 from tests.conftest import serve
+from tests.ledger_rows import ledger_rows
 
 
 def start(device: Device, weights: WeightsInfo, tiny_weights: Path, **batch: Any):
@@ -108,6 +111,40 @@ def test_client_that_leaves_never_reaches_the_device(device, weights, tiny_weigh
         device.gate.set()
         assert blocker.result().status_code == 200
         assert gen(base, "after").status_code == 200
+    assert all("abandoned" not in p for call in device.calls for p in call)
+
+
+def test_a_client_that_leaves_is_accounted_and_gets_its_quota_back(
+        device: Device, weights: WeightsInfo, tiny_weights: Path, tmp_path: Path) -> None:
+    """The disconnect is raced at the edge (server/http/deps.py); the accounting under it
+    still writes the request's row as 499 cancelled and gives back what it reserved."""
+    url = f"sqlite:///{tmp_path}/l.db"
+    key = KeyStore(Ledger(url)).create("three", daily_images=3)
+    settings = Settings(weights_dir=tiny_weights, ledger_url=url)
+    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings),
+                        settings.batch.default_timeout_s)
+    auth = {"authorization": f"Bearer {key}"}
+    with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base, \
+            ThreadPoolExecutor(2) as pool:
+        device.gate.clear()
+        device.busy.clear()
+        blocker = pool.submit(httpx.post, f"{base}/v1/images/generations", timeout=60,
+                              headers=auth, json={"prompt": "blocker", "size": "256x256"})
+        assert device.busy.wait(30)
+        with pytest.raises(httpx.ReadTimeout):  # 2 of the key's 3 images, then it leaves
+            httpx.post(f"{base}/v1/images/generations", timeout=1.0,
+                       headers={**auth, "x-request-id": "rid-left"},
+                       json={"prompt": "abandoned", "size": "256x256", "n": 2})
+        wait_for(lambda: any(r.request_id == "rid-left" for r in ledger_rows(url)))
+        device.gate.set()
+        assert blocker.result().status_code == 200
+        # the two images it reserved are free again: the key's last two go through
+        again = httpx.post(f"{base}/v1/images/generations", timeout=60, headers=auth,
+                           json={"prompt": "after", "size": "256x256", "n": 2})
+        assert again.status_code == 200, again.text
+    (left,) = [r for r in ledger_rows(url) if r.request_id == "rid-left"]
+    assert (left.status, left.outcome, left.images, left.route) == (499, "cancelled", 0, "none")
+    assert left.key_name == "three"
     assert all("abandoned" not in p for call in device.calls for p in call)
 
 
