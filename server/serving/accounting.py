@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server.errors import APIError
 from server.job import Served
@@ -22,6 +23,7 @@ from server.store.ledger import UsageRow
 from server.store.quotas import Limits, QuotaExceeded, Quotas, Reservation
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,21 @@ class Account:
 
     def cancelled(self) -> None:
         self.status, self.outcome = 499, "cancelled"
+
+
+async def served_by(account: Account, work: Awaitable[tuple[T, Served]]) -> tuple[T, Served]:
+    """Run the account's work: the account learns what served it, or how it failed, or
+    that it was cancelled (the client left, the server stops)."""
+    try:
+        result = await work
+    except APIError as err:
+        account.failed(err)
+        raise
+    except asyncio.CancelledError:
+        account.cancelled()
+        raise
+    account.served = result[1]
+    return result
 
 
 def row_for(account: Account) -> UsageRow:

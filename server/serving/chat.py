@@ -26,7 +26,7 @@ from server.job import ChatJob, ChatOutcome, Served
 from server.media import intake
 from server.media.budget import PixelBudget
 from server.routing.dispatch import BeforeSend, Dispatcher, LocalStream
-from server.serving.accounting import Account, Accounting
+from server.serving.accounting import Account, Accounting, served_by
 from server.wire.openai_chat import (
     ChatRequest,
     ImageRef,
@@ -110,17 +110,8 @@ class ChatServing:
         """Reserve the quota, route and run a whole answer; the account learns what ran
         where, or how it failed (its owner closes it)."""
         await self.accounting.reserve(account, self.dispatcher.cost_ceiling(job))
-        try:
-            outcome, served = await self.dispatcher.chat(job, deadline_s, bulk=account.bulk,
-                                                         before_send=before_send)
-        except APIError as err:
-            account.failed(err)
-            raise
-        except asyncio.CancelledError:
-            account.cancelled()
-            raise
-        account.served = served
-        return outcome, served
+        return await served_by(account, self.dispatcher.chat(
+            job, deadline_s, bulk=account.bulk, before_send=before_send))
 
     async def stream(self, account: Account, job: ChatJob, fmt: StreamFormat,
                      deadline_s: float) -> Stream:

@@ -4,19 +4,17 @@ and accounted for."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 
 from PIL import Image
 
 from server import catalog
 from server.config import Settings
-from server.errors import APIError
 from server.job import ImageJob, OutImage, Served
 from server.media import intake
 from server.media.budget import PixelBudget
 from server.routing.dispatch import BeforeSend, Dispatcher
-from server.serving.accounting import Account, Accounting
+from server.serving.accounting import Account, Accounting, served_by
 from server.wire.openai_images import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -91,14 +89,5 @@ class ImageServing:
         failed (its owner closes it)."""
         account.images = job.n
         await self.accounting.reserve(account, self.dispatcher.cost_ceiling(job))
-        try:
-            images, served = await self.dispatcher.images(job, deadline_s, bulk=account.bulk,
-                                                          before_send=before_send)
-        except APIError as err:
-            account.failed(err)
-            raise
-        except asyncio.CancelledError:
-            account.cancelled()  # the client left (or the server stops): nothing served
-            raise
-        account.served = served
-        return images, served
+        return await served_by(account, self.dispatcher.images(
+            job, deadline_s, bulk=account.bulk, before_send=before_send))
