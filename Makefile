@@ -37,6 +37,7 @@ browser:
 
 test: install browser
 	$(BIN)/ruff check server pipelines scripts tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: install
