@@ -134,10 +134,19 @@ class Accounting:
     async def reserve(self, account: Account, usd: float = 0.0) -> None:
         """Reserve the account's images and up to ``usd`` of its key's daily quota before
         the work runs, or raise 429 ``insufficient_quota`` (the account says so)."""
+        # Shielded: a client that leaves while the counter is written (the disconnect is
+        # raced around this) must not leave a reservation nobody settles.
+        reserving = asyncio.ensure_future(self._reserve(account.caller, account.images, usd))
         try:
-            account.reservation = await self._reserve(account.caller, account.images, usd)
+            account.reservation = await asyncio.shield(reserving)
         except APIError as err:
             account.failed(err)
+            raise
+        except asyncio.CancelledError:
+            account.cancelled()
+            await asyncio.wait({reserving})
+            if not reserving.cancelled() and reserving.exception() is None:
+                account.reservation = reserving.result()
             raise
 
     async def _reserve(self, caller: Caller, images: int, usd: float) -> Reservation | None:
