@@ -107,15 +107,15 @@ def parse_config(raw: Any) -> GenerationConfig:
     if aspect is not None and aspect_of(aspect) is None:
         raise bad_request(f"aspectRatio {str(aspect)[:20]!r} is not W:H such as \"16:9\".",
                           param=f"{where}.imageConfig.aspectRatio")
-    max_tokens = _number(_get(raw, "maxOutputTokens"), "maxOutputTokens", 1, 2**31,
+    max_tokens = _number(_get(raw, "maxOutputTokens"), f"{where}.maxOutputTokens", 1, 2**31,
                          integer=True)
-    seed = _number(_get(raw, "seed"), "seed", -(2**31), 2**32 - 1, integer=True)
-    count = _number(_get(raw, "candidateCount"), "candidateCount", 1, MAX_CANDIDATES,
+    seed = _number(_get(raw, "seed"), f"{where}.seed", -(2**31), 2**32 - 1, integer=True)
+    count = _number(_get(raw, "candidateCount"), f"{where}.candidateCount", 1, MAX_CANDIDATES,
                     integer=True)
     return GenerationConfig(
         max_output_tokens=None if max_tokens is None else int(max_tokens),
-        temperature=_number(_get(raw, "temperature"), "temperature", 0, 2),
-        top_p=_number(_get(raw, "topP"), "topP", 0, 1),
+        temperature=_number(_get(raw, "temperature"), f"{where}.temperature", 0, 2),
+        top_p=_number(_get(raw, "topP"), f"{where}.topP", 0, 1),
         stop=tuple(stops),
         seed=None if seed is None else int(seed) % 2**32,  # Gemini seeds may be negative
         candidate_count=int(count or 1),
@@ -127,7 +127,8 @@ def aspect_of(text: Any) -> tuple[int, int] | None:
     if not isinstance(text, str):
         return None
     w, colon, h = text.partition(":")
-    if not colon or not w.isdigit() or not h.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not colon or not (w.isascii() and w.isdigit() and h.isascii() and h.isdigit()):
         return None
     a, b = int(w), int(h)
     return (a, b) if 0 < a <= 64 and 0 < b <= 64 and max(a, b) / min(a, b) <= 8 else None

@@ -234,9 +234,6 @@ def test_bad_numbers_are_refused_naming_the_field(config: dict[str, Any], name: 
     assert name in err.message
 
 
-@pytest.mark.xfail(strict=True, reason="numeric generationConfig fields name a bare param "
-                   "('temperature') where every other field names its path "
-                   "('generationConfig.stopSequences'): server/wire/gemini.py parse_config")
 def test_numeric_fields_name_their_full_path_like_the_other_fields() -> None:
     assert config_refused({"temperature": 9}).param == "generationConfig.temperature"
 
@@ -293,9 +290,6 @@ def test_aspect_of() -> None:
         assert aspect_of(bad) is None, bad
 
 
-@pytest.mark.xfail(strict=True, reason="str.isdigit() accepts superscript digits that int() "
-                   "refuses: aspectRatio '²:1' raises ValueError (a 500) instead of a 400 "
-                   "(server/wire/gemini.py aspect_of)")
 def test_an_aspect_ratio_with_superscript_digits_is_a_400() -> None:
     err = config_refused({"imageConfig": {"aspectRatio": "²:1"}})
     assert err.param == "generationConfig.imageConfig.aspectRatio"
