@@ -153,6 +153,15 @@ def test_the_checks_catch_what_they_are_for() -> None:
     assert mutual(g) == {("server.wire.a", "server.wire.b"), ("server.wire.a", "server.wire.c")}
 
 
+def test_the_data_path_never_imports_the_observers() -> None:
+    """ops/ reads what the data path publishes (app.py wires its hooks); serving and the
+    Batch API run the same with or without it."""
+    g = graph()
+    assert {(a, b) for a, targets in g.items()
+            if a.startswith(("server.serving", "server.batches"))
+            for b in targets if b.startswith("server.ops")} == set()
+
+
 WEB_FRAMEWORKS = ("fastapi", "starlette")
 
 
