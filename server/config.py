@@ -25,6 +25,34 @@ class BatchSettings(BaseModel):
     default_timeout_s: float = Field(120.0, gt=0, description="an item not started by then expires")
 
 
+class EngineSettings(BaseModel):
+    devices: str = Field(
+        "auto", description="where the image model runs: `auto` (one worker process per "
+        "CUDA device; on a machine without CUDA, one in the server's process), `inprocess` "
+        "(the pipeline in the server's process, on SPILLWAY_DEVICE), or a comma list of "
+        "worker processes, e.g. `cuda:0,cuda:1` or `cpu,cpu`")
+    load_timeout_s: float = Field(600.0, gt=0, description="a worker not loaded by then "
+                                  "is reported and left out")
+
+    def worker_devices(self, cuda_count: int) -> list[str]:
+        """The worker processes to start ([] = the pipeline in this process)."""
+        spec = self.devices.strip().lower()
+        if spec == "inprocess" or (spec == "auto" and cuda_count == 0):
+            return []
+        if spec == "auto":
+            return [f"cuda:{i}" for i in range(cuda_count)]
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        for d in devices:
+            if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:")
+                                                   and d[5:].isdecimal())):
+                raise ValueError(f"engine.devices: {d!r} is not cpu, cuda or cuda:N")
+            index = int(d[5:]) if d.startswith("cuda:") else 0
+            if d.startswith("cuda") and index >= cuda_count:
+                raise ValueError(f"engine.devices: {d!r}, but this machine has "
+                                 f"{cuda_count} CUDA devices")
+        return devices
+
+
 class ImageSettings(BaseModel):
     min_side: int = Field(256, ge=8)
     max_side: int = Field(1024, ge=8)
@@ -197,6 +225,7 @@ class Settings(BaseSettings):
         "json", description="`spillway serve`: one line per request on stdout, as a JSON "
         "object (json), key=value pairs (text), or none (off)")
     batch: BatchSettings = BatchSettings()
+    engine: EngineSettings = EngineSettings()
     images: ImageSettings = ImageSettings()
     media: MediaSettings = MediaSettings()
     vlm: VlmSettings = VlmSettings()

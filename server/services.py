@@ -72,6 +72,8 @@ class AppState:
     def ready(self) -> bool:
         if self.shutting_down:
             return False
+        if self.images is not None and self.images.batcher.live_devices() == 0:
+            return False  # every engine worker is down (restarting): nothing takes work
         return ((self.images is not None or not self.images_enabled)
                 and (self.chat is not None or not self.chat_enabled))
 

@@ -10,10 +10,26 @@ from pathlib import Path
 from typing import Literal
 
 from server.providers.local.chat import LocalChat
+from server.providers.local.engine import EngineProcess
 from server.providers.local.images import LocalImages
 from server.routing.dispatch import Dispatcher
 
 Status = Literal["ready", "loading", "failed"]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One engine worker process of a local model."""
+
+    name: str
+    device: str
+    state: str  # starting | ready | restarting | failed | stopped
+    pid: int | None
+    batches: int
+    items: int
+    items_per_s: float | None  # while it had work
+    restarts: int
+    load_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class LocalModel:
     source: str = ""  # "hub", "random-full", "tiny"
     engine: str = ""  # device, dtype, attention
     path: Path | None = None  # where the weights are: the operator's business only
+    workers: tuple[Worker, ...] = ()  # engine worker processes; none: in the server's process
 
 
 @dataclass(frozen=True)
@@ -53,8 +70,14 @@ class Live:
         return self.status == "ready"
 
 
+def worker_view(w: EngineProcess) -> Worker:
+    return Worker(w.name, w.spec.device, w.state, w.pid, w.batches, w.items,
+                  w.items / w.busy_s if w.busy_s > 0 else None, w.restarts, w.load_error)
+
+
 def local_model(kind: str, local: LocalImages | LocalChat) -> LocalModel:
     batcher = local.batcher
+    workers = local.workers if isinstance(local, LocalImages) else []
     snap = batcher.snapshot()
     return LocalModel(model=local.model_id, kind=kind, queued=snap.queued,
                       running=snap.running, max_queue=batcher.policy.max_queue,
@@ -62,7 +85,8 @@ def local_model(kind: str, local: LocalImages | LocalChat) -> LocalModel:
                       estimated_wait_s=batcher.estimated_wait([]),
                       items_done=snap.items_done, weights=local.weights.label,
                       source=local.weights.source, engine=local.description,
-                      path=local.weights.path)
+                      path=local.weights.path,
+                      workers=tuple(worker_view(w) for w in workers))
 
 
 def read_live(status: Status, images: LocalImages | None, chat: LocalChat | None,

@@ -83,7 +83,16 @@ def live_families(live: Live) -> list[GaugeMetricFamily]:
     for cloud in sorted(live.clouds, key=lambda c: c.name):
         if cloud.configured:
             circuit.add_metric([cloud.name], CIRCUIT[cloud.circuit])
-    return [ready, info, depth, running, wait, circuit]
+    up = GaugeMetricFamily("spillway_worker_up", "1 while an engine worker takes work",
+                           labels=["model", "worker"])
+    restarts = GaugeMetricFamily("spillway_worker_restarts",
+                                 "Times an engine worker was started again",
+                                 labels=["model", "worker"])
+    for m in live.models:
+        for w in m.workers:
+            up.add_metric([m.model, w.name], 1.0 if w.state == "ready" else 0.0)
+            restarts.add_metric([m.model, w.name], w.restarts)
+    return [ready, info, depth, running, wait, circuit, up, restarts]
 
 
 class _LiveCollector(Collector):

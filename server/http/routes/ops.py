@@ -73,6 +73,12 @@ def _openai_models(state: AppState, admin: bool) -> list[dict[str, Any]]:
             "queued": local.queued,
             "items_per_s": local.items_per_s,
         }
+        if local.workers:
+            about["workers"] = [{
+                "name": w.name, "device": w.device, "state": w.state, "batches": w.batches,
+                "items": w.items, "items_per_s": w.items_per_s, "restarts": w.restarts,
+                **({"pid": w.pid, "load_error": w.load_error} if admin else {}),
+            } for w in local.workers]
         if admin:
             about["path"] = str(local.path)
         data.append({

@@ -1,9 +1,10 @@
-"""A bounded queue feeding one device worker thread with compatible micro-batches.
+"""A bounded queue feeding its devices with compatible micro-batches.
 
 The decisions are pure functions (``form_batch``, ``split_expired``); the ``Batcher``
-class only holds the lock, the thread and the measurements. While the worker runs
-batch k, arriving items queue up grouped by shape, so batch k+1 is ready the moment
-the device frees, and it is as large as the waiting work allows.
+class only holds the lock, one thread per device (a ``Runner``: a pipeline in this
+process, or an engine worker process) and the measurements. While the devices run,
+arriving items queue up grouped by shape, so the next batch is ready the moment one
+frees, and it is as large as the waiting work allows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from server.errors import APIError, shutting_down
+from server.providers.local.runner import InThread, Runner
 
 log = logging.getLogger(__name__)
 
@@ -165,32 +167,41 @@ class Snapshot:
 
 
 class Batcher(Generic[T, R]):
-    """One per loaded model. ``run_batch`` owns the device and is only called from the
-    worker thread, with items of one shape, and must return one result per item."""
+    """One per loaded model. ``run_batch`` (a callable, run on the batcher's one thread)
+    or ``runners`` (one thread each) own the devices; each is given items of one shape
+    and must return one result per item."""
 
-    def __init__(self, name: str, run_batch: Callable[[list[T]], list[R]],
+    def __init__(self, name: str, run_batch: Callable[[list[T]], list[R]] | None,
                  policy: BatchPolicy, *, default_item_s: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 runners: Sequence[Runner[T, R]] = ()) -> None:
         self.name = name
         self.policy = policy
-        self._run_batch = run_batch
+        self.runners: list[Runner[T, R]] = list(runners) or (
+            [InThread(run_batch)] if run_batch is not None else [])
+        if not self.runners:
+            raise ValueError(f"{name}: a batcher needs run_batch or runners")
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: list[Pending[T]] = []
         self._closing = False
-        self._running: tuple[float, float, int] | None = None  # (started, expected_s, items)
+        # device slot -> (started, expected_s, items) of the batch it runs now
+        self._running: dict[int, tuple[float, float, int]] = {}
         self._item_s: dict[Hashable, tuple[Ewma, int]] = {}  # shape -> (s/item, pixels)
         self._rate = Ewma()  # items/s over all shapes
         self._default_item_s = default_item_s
         self._batches = 0
         self._items_done = 0
-        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(slot,), daemon=True,
+                                          name=f"batcher-{name}-{slot}")
+                         for slot in range(len(self.runners))]
         # Told of each pipeline call, on the worker thread, before its results go out.
         self.on_batch: Callable[[BatchDone], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop admitting, fail what has not started, let the running batch finish."""
@@ -201,8 +212,9 @@ class Batcher(Generic[T, R]):
         for p in left:
             if p.future.set_running_or_notify_cancel():
                 p.future.set_exception(Closed("server is shutting down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
 
     # -- admission -------------------------------------------------------------------
     def submit(self, items: Sequence[T], timeout_s: float, *, bulk: bool = False
@@ -222,7 +234,7 @@ class Batcher(Generic[T, R]):
     # -- signals for the router ------------------------------------------------------
     def snapshot(self) -> Snapshot:
         with self._cond:
-            running = self._running[2] if self._running else 0
+            running = sum(n for _, _, n in self._running.values())
             return Snapshot(self._live_locked(), running, self._rate.value,
                             self._batches, self._items_done)
 
@@ -238,13 +250,18 @@ class Batcher(Generic[T, R]):
         """Queued items a client still waits for (a cancelled one is gone for good)."""
         return sum(1 for p in self._pending if not p.future.cancelled())
 
+    def live_devices(self) -> int:
+        return sum(1 for r in self.runners if r.ready)
+
     def _drain_s_locked(self, now: float, include_bulk: bool = True) -> float:
+        """The queued work and what the devices still run, shared by the devices that can
+        take work now; none: never (the router spills or refuses)."""
         ahead = sum(self._seconds_for(p.item) for p in self._pending
                     if not p.future.cancelled() and (include_bulk or not p.bulk))
-        if self._running:
-            started, expected, _ = self._running
+        for started, expected, _ in self._running.values():
             ahead += max(0.0, started + expected - now)
-        return ahead
+        live = self.live_devices()
+        return ahead / live if live else float("inf")
 
     def _seconds_for(self, item: T) -> float:
         seen = self._item_s.get(item.shape_key)
@@ -259,7 +276,8 @@ class Batcher(Generic[T, R]):
         return min(v for v, _ in measured) if measured else self._default_item_s
 
     # -- the device worker -----------------------------------------------------------
-    def _next_batch(self) -> list[Pending[T]] | None:
+    def _next_batch(self, slot: int) -> list[Pending[T]] | None:
+        runner = self.runners[slot]
         with self._cond:
             while True:
                 now = self._clock()
@@ -270,32 +288,42 @@ class Batcher(Generic[T, R]):
                         p.future.set_exception(Expired("deadline passed while queued"))
                 if self._closing:
                     return None
+                if not runner.ready:  # starting or restarting: the others take the work
+                    self._cond.wait(0.2)
+                    continue
                 decision = form_batch(self._pending, now, self.policy)
                 if decision.take:
                     chosen = set(decision.take)
                     batch = [self._pending[i] for i in decision.take]
                     self._pending = [p for i, p in enumerate(self._pending) if i not in chosen]
                     expected = sum(self._seconds_for(p.item) for p in batch)
-                    self._running = (now, expected, len(batch))
+                    self._running[slot] = (now, expected, len(batch))
                     return batch
                 self._cond.wait(decision.wait_s)
 
-    def _work(self) -> None:
+    def _work(self, slot: int) -> None:
+        runner = self.runners[slot]
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(slot)
             if batch is None:
                 return
             # A client that left between forming and now is dropped here, not computed.
             batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
-            if batch:
-                self._run(batch)
+            ok = self._run(runner, batch) if batch else True
             with self._cond:
-                self._running = None
+                self._running.pop(slot, None)
+            if not ok:
+                try:
+                    runner.recover()  # a worker that died is restarted before it runs again
+                except Exception:
+                    log.exception("%s: %s could not recover", self.name, runner.name)
+                with self._cond:
+                    self._cond.notify_all()
 
-    def _run(self, batch: list[Pending[T]]) -> None:
+    def _run(self, runner: Runner[T, R], batch: list[Pending[T]]) -> bool:
         started = self._clock()
         try:
-            results = self._run_batch([p.item for p in batch])
+            results = runner.run([p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
@@ -303,7 +331,7 @@ class Batcher(Generic[T, R]):
             self._report(batch, started, self._clock() - started, ok=False)
             for p in batch:
                 p.future.set_exception(exc)
-            return
+            return False
         elapsed = max(self._clock() - started, 1e-6)
         key = batch[0].item.shape_key
         with self._cond:
@@ -318,6 +346,7 @@ class Batcher(Generic[T, R]):
             p.future.spillway_timing = Timing(  # type: ignore[attr-defined]
                 started - p.enqueued, elapsed / len(batch), len(batch))
             p.future.set_result(result)
+        return True
 
     def _report(self, batch: list[Pending[T]], started: float, elapsed: float, ok: bool
                 ) -> None:

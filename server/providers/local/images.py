@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
@@ -13,7 +13,7 @@ from pipelines.base import ImageItem
 from pipelines.registry import WeightsInfo
 from server.errors import queue_full, shutting_down
 from server.job import ImageJob, OutImage
-from server.media.encode import MEDIA_TYPES, encode_image
+from server.media.encode import MEDIA_TYPES
 from server.providers.local.batcher import (
     Batcher,
     BatchPolicy,
@@ -22,6 +22,8 @@ from server.providers.local.batcher import (
     from_batch_failure,
     timing_of,
 )
+from server.providers.local.engine import EngineProcess
+from server.providers.local.work import ImageWork, pipeline_runner
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +35,43 @@ class LocalRun:
 
 
 class LocalImages:
-    """Runs image jobs on the local pipeline; one batcher, one device thread."""
+    """Runs image jobs on the local pipeline behind one batcher: ``text2img`` in this
+    process (on the batcher's thread), or ``workers``, engine worker processes, one
+    batcher thread each. Either way the images come back encoded."""
 
     def __init__(self, model_id: str, weights: WeightsInfo,
-                 text2img: Callable[[list[ImageItem]], list[Image.Image]],
-                 policy: BatchPolicy, timeout_s: float, description: str = "") -> None:
+                 text2img: Callable[[list[ImageItem]], list[Image.Image]] | None,
+                 policy: BatchPolicy, timeout_s: float, description: str = "", *,
+                 workers: Sequence[EngineProcess] = ()) -> None:
         self.model_id = model_id
         self.weights = weights
         self.description = description
         self.timeout_s = timeout_s
-        self.batcher: Batcher[ImageItem, Image.Image] = Batcher(model_id, text2img, policy)
+        self.workers = list(workers)
+        self.batcher: Batcher[ImageWork, bytes] = Batcher(
+            model_id, None if text2img is None else pipeline_runner(text2img), policy,
+            runners=self.workers)
 
     def start(self) -> None:
         self.batcher.start()
 
     def close(self) -> None:
-        self.batcher.close()
+        self.batcher.close()  # in-flight batches finish first
+        for worker in self.workers:
+            worker.close()
 
     async def generate(self, job: ImageJob, *, bulk: bool = False) -> LocalRun:
         try:
-            futures = self.batcher.submit(job.items(), self.timeout_s, bulk=bulk)
+            futures = self.batcher.submit(
+                [ImageWork(item, job.output_format, job.output_compression)
+                 for item in job.items()], self.timeout_s, bulk=bulk)
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
             raise shutting_down() from exc
         waits = [asyncio.wrap_future(f) for f in futures]
         try:
-            images = await asyncio.gather(*waits)
+            encoded = await asyncio.gather(*waits)
         except asyncio.CancelledError:
             for f in futures:  # the client left: queued items never reach the device
                 f.cancel()
@@ -67,8 +79,6 @@ class LocalImages:
         except Exception as exc:
             raise from_batch_failure(exc, self.timeout_s, "image pipeline") from exc
         media_type = MEDIA_TYPES[job.output_format]
-        encoded = await asyncio.to_thread(
-            lambda: [encode_image(im, job.output_format, job.output_compression) for im in images])
         timings = [t for t in map(timing_of, futures) if t is not None]
         return LocalRun([OutImage(data, media_type, seed)
                          for data, seed in zip(encoded, job.seeds, strict=True)],

@@ -1,0 +1,107 @@
+"""What crosses to an engine worker and back: one image to make and how to encode it, as
+primitives and bytes (no PIL objects, no tensors), so the worker can be a thread, a child
+process, or later a replica on another machine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from pipelines.base import ImageItem
+from server.media.encode import encode_image
+
+
+@dataclass(frozen=True)
+class ImageWork:
+    """One item for the batcher: the pipeline's item and the encoding its request asked
+    for (batches mix requests, so each item carries its own)."""
+
+    item: ImageItem
+    fmt: str = "png"
+    compression: int | None = None
+
+    @property
+    def shape_key(self) -> tuple[str, int, int, int, float, float]:
+        return self.item.shape_key
+
+    @property
+    def pixels(self) -> int:
+        return self.item.pixels
+
+
+@dataclass(frozen=True)
+class WireItem:
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    strength: float
+    fmt: str
+    compression: int | None
+    # img2img: the source as raw RGB bytes, already width x height (the intake fitted it)
+    init_rgb: bytes | None = field(default=None, repr=False)
+
+    @staticmethod
+    def of(work: ImageWork) -> WireItem:
+        it = work.item
+        init = it.init_image
+        if init is not None and init.mode != "RGB":
+            init = init.convert("RGB")
+        return WireItem(it.prompt, it.seed, it.width, it.height, it.steps, it.guidance,
+                        it.strength, work.fmt, work.compression,
+                        None if init is None else init.tobytes())
+
+    def work(self) -> ImageWork:
+        init = (None if self.init_rgb is None else
+                Image.frombytes("RGB", (self.width, self.height), self.init_rgb))
+        return ImageWork(ImageItem(self.prompt, self.seed, self.width, self.height,
+                                   self.steps, self.guidance, init, self.strength),
+                         self.fmt, self.compression)
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    items: list[WireItem]
+
+
+@dataclass(frozen=True)
+class Ran:
+    images: list[bytes]  # encoded, one per item
+    device_s: float  # pipeline and encoding, as the worker timed them
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    fatal: bool = False  # the worker exits after this (a poisoned CUDA context)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    description: str  # device, dtype, attention
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Message = RunBatch | Ran | Failed | Loaded | Stop
+
+
+def encode_all(images: list[Image.Image], works: list[ImageWork]) -> list[bytes]:
+    return [encode_image(im, w.fmt, w.compression) for im, w in zip(images, works, strict=True)]
+
+
+def pipeline_runner(run: Callable[[list[ImageItem]], list[Image.Image]]
+                    ) -> Callable[[list[ImageWork]], list[bytes]]:
+    """A pipeline's ``run(items) -> images`` as a batcher's ``run(works) -> bytes``."""
+
+    def run_works(works: list[ImageWork]) -> list[bytes]:
+        return encode_all(run([w.item for w in works]), works)
+
+    return run_works

@@ -1,0 +1,193 @@
+"""Engine workers: the image pipeline in child processes (SPILLWAY_ENGINE__DEVICES=cpu,cpu),
+as a user and an operator see them: the same pixels as in the server's process, a worker
+killed mid-batch failing only its batch and coming back, and no worker outliving its
+server (SIGTERM, and kill -9)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.app import create_app
+from server.config import EngineSettings, Settings
+from server.providers.local.engine import EngineProcess
+from server.providers.local.engine_child import EngineSpec
+from server.providers.local.images import LocalImages
+from tests.api.gated import wait_for
+from tests.conftest import free_port, serve, wait_ready
+
+SPILLWAY = str(Path(sys.executable).with_name("spillway"))
+ADMIN = "sk-admin-for-the-test"
+pytestmark = pytest.mark.e2e
+
+
+def settings(tiny_weights: Path, devices: str) -> Settings:
+    return Settings(weights_dir=tiny_weights, ledger_url="sqlite://",
+                    engine=EngineSettings(devices=devices))
+
+
+def gen(base: str, prompt: str, seed: int, n: int = 1, size: str = "256x256",
+        timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{base}/v1/images/generations", timeout=timeout,
+                      json={"prompt": prompt, "seed": seed, "n": n, "size": size})
+
+
+def pixels(resp: httpx.Response, i: int = 0) -> np.ndarray:
+    raw = base64.b64decode(resp.json()["data"][i]["b64_json"])
+    return np.asarray(Image.open(io.BytesIO(raw))).astype(int)
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (nobody here may reap an orphan)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def two_workers(tiny_weights: Path) -> Iterator[tuple[str, LocalImages]]:
+    app = create_app(settings(tiny_weights, "cpu,cpu"), chat_loader=None)
+    with serve(app) as base:
+        local = app.state.spillway.images
+        assert local is not None
+        yield base, local
+    assert all(w.pid is None for w in local.workers)  # stopped with the server
+
+
+def test_two_worker_processes_serve_the_same_pixels_as_the_server_process(
+        two_workers: tuple[str, LocalImages], tiny_weights: Path) -> None:
+    base, local = two_workers
+    assert [w.state for w in local.workers] == ["ready", "ready"]
+    pids = {w.pid for w in local.workers}
+    assert len(pids) == 2 and os.getpid() not in pids
+    with_workers = [gen(base, "a lighthouse", seed) for seed in (3, 4)]
+    assert all(r.status_code == 200 for r in with_workers)
+    assert np.abs(pixels(with_workers[0]) - pixels(with_workers[1])).max() > 0  # seeds differ
+    with serve(create_app(settings(tiny_weights, "inprocess"), chat_loader=None)) as alone:
+        for seed, r in zip((3, 4), with_workers, strict=True):
+            assert np.abs(pixels(gen(alone, "a lighthouse", seed)) - pixels(r)).max() <= 1
+    models = httpx.get(f"{base}/v1/models").json()["data"][0]["spillway"]
+    assert [w["state"] for w in models["workers"]] == ["ready", "ready"]
+    assert sum(w["items"] for w in models["workers"]) >= 2
+    assert "pid" not in models["workers"][0]  # an open server's callers are not the operator
+
+
+def test_a_worker_killed_mid_batch_fails_only_its_batch_and_comes_back(
+        two_workers: tuple[str, LocalImages]) -> None:
+    base, local = two_workers
+    results: dict[str, httpx.Response] = {}
+
+    def post(name: str, **kw: Any) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.update({name: gen(base, name, **kw)}))
+        t.start()
+        return t
+
+    big = post("big", seed=1, n=8, size="512x512")
+    wait_for(lambda: any(w.busy for w in local.workers))
+    victim = next(w for w in local.workers if w.busy)
+    pid = victim.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    big.join(120)
+    failed = results["big"]
+    assert failed.status_code == 500, failed.text
+    error = failed.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "pipeline_error")
+    assert "died" in error["message"]
+    # the other worker serves meanwhile; the killed one is started again
+    assert gen(base, "meanwhile", seed=2).status_code == 200
+    wait_for(lambda: victim.ready and victim.restarts == 1, timeout=120)
+    assert victim.pid != pid
+    for t in [post(f"after {i}", seed=10 + i, n=2) for i in range(4)]:
+        t.join(120)
+    assert all(results[f"after {i}"].status_code == 200 for i in range(4))
+    metrics = httpx.get(f"{base}/metrics").text
+    assert f'spillway_worker_restarts{{model="sdxl-turbo",worker="{victim.name}"}} 1.0' \
+        in metrics
+
+
+def test_a_worker_that_cannot_load_says_why_and_the_others_serve(tiny_weights: Path,
+                                                                 tmp_path: Path) -> None:
+    s = settings(tiny_weights, "cpu")
+    good = EngineProcess(EngineSpec(str(tiny_weights / "sdxl-turbo-tiny"), None, "cpu"), "good")
+    bad = EngineProcess(EngineSpec(str(tmp_path / "no-such-folder"), None, "cpu"), "bad")
+    with pytest.raises(RuntimeError) as exc:
+        bad.start()
+    assert "bad could not load" in str(exc.value) and "no-such-folder" in str(exc.value)
+    assert bad.state == "failed" and bad.pid is None and bad.load_error
+    assert "\n" not in bad.load_error
+    good.start()
+    local = LocalImages("sdxl-turbo", _weights(tiny_weights), None,
+                        _policy(s), 60.0, workers=[good, bad])
+    with serve(create_app(s, loader=lambda _: local, chat_loader=None)) as base:
+        assert gen(base, "still served", seed=1, n=3).status_code == 200
+    assert good.pid is None
+
+
+def _weights(tiny_weights: Path) -> Any:
+    from pipelines.registry import describe
+
+    return describe(tiny_weights / "sdxl-turbo-tiny")
+
+
+def _policy(s: Settings) -> Any:
+    from server.providers.local.loading import batch_policy
+
+    return batch_policy(s)
+
+
+def _serve_process(tmp_path: Path, tiny_weights: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "SPILLWAY_WEIGHTS_DIR": str(tiny_weights),
+           "SPILLWAY_LEDGER_URL": f"sqlite:///{tmp_path}/ledger.db",
+           "SPILLWAY_VLM__ENABLED": "false", "SPILLWAY_ENGINE__DEVICES": "cpu,cpu",
+           "SPILLWAY_ADMIN_KEY": ADMIN, "SPILLWAY_SHUTDOWN_GRACE_S": "60"}
+    proc = subprocess.Popen([SPILLWAY, "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, proc, 180)
+    return proc, base
+
+
+def _worker_pids(base: str) -> list[int]:
+    models = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {ADMIN}"})
+    pids = [w["pid"] for w in models.json()["data"][0]["spillway"]["workers"]]
+    assert len(pids) == 2 and all(isinstance(p, int) for p in pids)
+    return pids
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_no_worker_outlives_its_server(tmp_path: Path, tiny_weights: Path,
+                                       how: signal.Signals) -> None:
+    proc, base = _serve_process(tmp_path, tiny_weights)
+    try:
+        pids = _worker_pids(base)
+        os.kill(proc.pid, how)
+        proc.wait(90)
+        deadline = time.monotonic() + 30
+        while not all(gone(p) for p in pids):
+            assert time.monotonic() < deadline, f"workers left running: {pids}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
