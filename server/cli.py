@@ -193,7 +193,10 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
               "--chat", help="bench the vision-language model (chat completions) instead")]
           = False,
           max_tokens: Annotated[int, typer.Option(help="--chat: output tokens per request")]
-          = 64) -> None:
+          = 64,
+          workers: Annotated[int | None, typer.Option(
+              min=1, help="instead: the pipeline in the server's process vs 1..N engine "
+              "worker processes, side by side")] = None) -> None:
     """Batched engine vs one-at-a-time, side by side, through the real HTTP server."""
     from server.tools import bench as bench_mod
 
@@ -201,6 +204,9 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
     if chat:
         bench_mod.compare_chat(settings, clients=clients, requests=requests,
                                max_tokens=max_tokens)
+    elif workers is not None:
+        bench_mod.compare_workers(settings, clients=clients, requests=requests, size=size,
+                                  steps=steps, workers=workers)
     elif sweep:
         sizes = [int(s) for s in sweep.split(",") if s.strip()]
         bench_mod.sweep(settings, sizes, size, steps)

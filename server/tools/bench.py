@@ -2,19 +2,24 @@
 
 ``compare`` serves one loaded pipeline twice over real loopback HTTP, once behind the
 batcher and once one request at a time (max_batch=1), with the same clients and load,
-and prints both side by side. ``sweep`` times the pipeline alone per batch size.
+and prints both side by side. ``compare_workers`` does the same for where the pipeline
+runs: in the server's process, and in 1..N engine worker processes. ``sweep`` times the
+pipeline alone per batch size. Every table says what the server's own process spent in
+CPU per image (the HTTP side, plus the pipeline when it runs in that process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import socket
 import statistics
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import uvicorn
@@ -26,7 +31,13 @@ from server.config import Settings
 from server.providers.local.batcher import BatchPolicy
 from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
-from server.providers.local.loading import batch_policy, load_engine, load_vlm
+from server.providers.local.loading import (
+    batch_policy,
+    load_engine,
+    load_vlm,
+    start_workers,
+    worker_threads,
+)
 from server.wire.openai_images import parse_size
 
 
@@ -37,10 +48,15 @@ class Result:
     wall_s: float
     latencies_s: list[float]
     mean_batch: float
+    server_cpu_s: float = 0.0  # CPU time of the server's process during the measured part
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.wall_s
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return self.server_cpu_s * 1000 / max(1, self.images)
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies_s)
@@ -61,7 +77,17 @@ def _bench_settings(settings: Settings, size: str) -> Settings:
     return settings.model_copy(update={"images": images})
 
 
-async def _load(port: int, clients: int, requests: int, path: str, body: dict[str, object]
+class _Flag(Protocol):
+    def set(self) -> None: ...
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def _load(port: int, clients: int, requests: int, path: str, body: dict[str, object],
+                measured: _Flag | None = None
                 ) -> tuple[float, list[float]]:
     import httpx
 
@@ -81,14 +107,17 @@ async def _load(port: int, clients: int, requests: int, path: str, body: dict[st
         await asyncio.gather(*(client(http) for _ in range(clients)))
         latencies.clear()
         todo = iter(range(requests))
+        if measured is not None:
+            measured.set()  # the server starts counting its CPU
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         return time.perf_counter() - t0, latencies
 
 
 def _load_in_process(port: int, clients: int, requests: int, path: str,
-                     body: dict[str, object]) -> tuple[float, list[float]]:
-    return asyncio.run(_load(port, clients, requests, path, body))
+                     body: dict[str, object], measured: _Flag
+                     ) -> tuple[float, list[float]]:
+    return asyncio.run(_load(port, clients, requests, path, body, measured))
 
 
 def _run_mode(mode: str, settings: Settings, local: LocalImages | LocalChat, clients: int,
@@ -107,19 +136,24 @@ def _run_mode(mode: str, settings: Settings, local: LocalImages | LocalChat, cli
     try:
         while not server.started:
             time.sleep(0.02)
-        before = local.batcher.snapshot()
         # The clients run in their own process, as real clients do: they do not take the
         # server's interpreter lock.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            wall, latencies = pool.submit(_load_in_process, port, clients, requests, path,
-                                          body).result()
-        after = local.batcher.snapshot()
+        spawn = multiprocessing.get_context("spawn")
+        with spawn.Manager() as manager, ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            measured = manager.Event()
+            done = pool.submit(_load_in_process, port, clients, requests, path, body,
+                               measured)
+            while not measured.wait(0.05) and not done.done():
+                pass
+            before, cpu0 = local.batcher.snapshot(), _cpu_s()
+            wall, latencies = done.result()
+            after, cpu = local.batcher.snapshot(), _cpu_s() - cpu0
     finally:
         server.should_exit = True
         thread.join()
     warm_batches = after.batches - before.batches
     mean_batch = (after.items_done - before.items_done) / max(1, warm_batches)
-    return Result(mode, requests, wall, latencies, mean_batch)
+    return Result(mode, requests, wall, latencies, mean_batch, cpu)
 
 
 def compare(settings: Settings, *, clients: int, requests: int, size: str, steps: int) -> None:
@@ -142,13 +176,46 @@ def compare(settings: Settings, *, clients: int, requests: int, size: str, steps
     _table(results, "images/s")
 
 
-def _table(results: list[Result], unit: str) -> None:
-    print(f"{'mode':<15}{unit:>12}{'p50 ms':>10}{'p95 ms':>10}{'mean batch':>12}")
+def _table(results: list[Result], unit: str, ratio: bool = True) -> None:
+    print(f"{'mode':<15}{unit:>12}{'p50 ms':>10}{'p95 ms':>10}{'mean batch':>12}"
+          f"{'server CPU ms/' + unit.split('/')[0][:-1]:>22}")
     for r in results:
         print(f"{r.mode:<15}{r.images_per_s:>12.1f}{r.pct(0.5):>10.0f}{r.pct(0.95):>10.0f}"
-              f"{r.mean_batch:>12.1f}")
-    print(f"batched / one-at-a-time: {results[0].images_per_s / results[1].images_per_s:.2f}x "
-          f"{unit}")
+              f"{r.mean_batch:>12.1f}{r.cpu_ms_per_image:>22.1f}")
+    if ratio:
+        print(f"batched / one-at-a-time: "
+              f"{results[0].images_per_s / results[1].images_per_s:.2f}x {unit}")
+
+
+def compare_workers(settings: Settings, *, clients: int, requests: int, size: str,
+                    steps: int, workers: int) -> None:
+    """The same batched load with the pipeline in the server's process, then in 1..N
+    engine worker processes (one per CUDA device when there are any, else on the CPU)."""
+    settings = _bench_settings(settings, size)
+    width, height = parse_size(size, settings.images)
+    body: dict[str, object] = {"prompt": "a red bicycle", "size": f"{width}x{height}",
+                               "steps": steps, "response_format": "b64_json"}
+    engine, weights = load_engine(settings)
+    threads = torch.get_num_threads()
+    local = LocalImages(catalog.IMAGE_MODEL, weights, engine.run, batch_policy(settings),
+                        settings.batch.default_timeout_s)
+    results = [_run_mode("in-process", settings, local, clients, requests, body)]
+    del engine, local
+    cuda = torch.cuda.device_count()
+    counts = sorted({1, workers})
+    for n in counts:
+        devices = [f"cuda:{i}" for i in range(n)] if cuda >= n else ["cpu"] * n
+        pool = start_workers(settings, devices)
+        name = f"{n} worker" + ("s" if n > 1 else "")
+        results.append(_run_mode(name, settings, pool, clients, requests, body))
+    print(f"spillway bench --workers {workers}: {weights.label}, {width}x{height}, "
+          f"{steps} step(s), {clients} clients, {requests} requests per mode; torch threads: "
+          f"{threads} in-process, {worker_threads(settings, workers)} per CPU worker at "
+          f"{workers}")
+    _table(results, "images/s", ratio=False)
+    base = results[0].images_per_s
+    print("vs in-process: " + ", ".join(f"{r.mode} {r.images_per_s / base:.2f}x"
+                                        for r in results[1:]))
 
 
 def compare_chat(settings: Settings, *, clients: int, requests: int, max_tokens: int,
