@@ -1,7 +1,7 @@
 """Engine workers: the image pipeline in child processes (SPILLWAY_ENGINE__DEVICES=cpu,cpu),
 as a user and an operator see them: the same pixels as in the server's process, a worker
-killed mid-batch failing only its batch and coming back, and no worker outliving its
-server (SIGTERM, and kill -9)."""
+killed mid-batch losing nothing and coming back, and no worker outliving its server
+(SIGTERM, and kill -9)."""
 
 from __future__ import annotations
 
@@ -91,8 +91,10 @@ def test_two_worker_processes_serve_the_same_pixels_as_the_server_process(
     assert "pid" not in models["workers"][0]  # an open server's callers are not the operator
 
 
-def test_a_worker_killed_mid_batch_fails_only_its_batch_and_comes_back(
+def test_a_worker_killed_mid_batch_loses_nothing_and_comes_back(
         two_workers: tuple[str, LocalImages]) -> None:
+    """Its batch runs again on the other worker (once: a batch that kills a second worker
+    fails, tests/unit/providers/test_devices.py), so the client sees its images."""
     base, local = two_workers
     results: dict[str, httpx.Response] = {}
 
@@ -108,13 +110,9 @@ def test_a_worker_killed_mid_batch_fails_only_its_batch_and_comes_back(
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     big.join(120)
-    failed = results["big"]
-    assert failed.status_code == 500, failed.text
-    error = failed.json()["error"]
-    assert (error["type"], error["code"]) == ("server_error", "pipeline_error")
-    assert "died" in error["message"]
-    # the other worker serves meanwhile; the killed one is started again
-    assert gen(base, "meanwhile", seed=2).status_code == 200
+    assert results["big"].status_code == 200, results["big"].text
+    assert len(results["big"].json()["data"]) == 8
+    # the killed one is started again and takes work again
     wait_for(lambda: victim.ready and victim.restarts == 1, timeout=120)
     assert victim.pid != pid
     for t in [post(f"after {i}", seed=10 + i, n=2) for i in range(4)]:

@@ -64,6 +64,13 @@ class Pending(Generic[T]):
     deadline: float
     future: Future[Any] = field(default_factory=Future)
     bulk: bool = False  # batch-job work: interactive items go first
+    retried: bool = False  # its device died under it once; it runs again, once
+
+    def claim(self) -> bool:
+        """Take the item for running (or for failing): False if its client has left."""
+        if self.retried:  # already running since its first try
+            return not self.future.done()
+        return self.future.set_running_or_notify_cancel()
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,7 @@ class Batcher(Generic[T, R]):
             left, self._pending = self._pending, []
             self._cond.notify_all()
         for p in left:
-            if p.future.set_running_or_notify_cancel():
+            if p.claim():
                 p.future.set_exception(Closed("server is shutting down"))
         for thread in self._threads:
             if thread.is_alive():
@@ -284,7 +291,7 @@ class Batcher(Generic[T, R]):
                 live, expired, _cancelled = split_expired(self._pending, now)
                 self._pending = live
                 for p in expired:
-                    if p.future.set_running_or_notify_cancel():
+                    if p.claim():
                         p.future.set_exception(Expired("deadline passed while queued"))
                 if self._closing:
                     return None
@@ -308,7 +315,7 @@ class Batcher(Generic[T, R]):
             if batch is None:
                 return
             # A client that left between forming and now is dropped here, not computed.
-            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            batch = [p for p in batch if p.claim()]
             ok = self._run(runner, batch) if batch else True
             with self._cond:
                 self._running.pop(slot, None)
@@ -327,10 +334,24 @@ class Batcher(Generic[T, R]):
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # noqa: BLE001 - every request of the batch gets the error
-            log.exception("%s: batch of %d failed", self.name, len(batch))
             self._report(batch, started, self._clock() - started, ok=False)
+            # A device that died under its batch (not the batch's own error) gets the
+            # items run again, once, on the next free one; a second death fails them.
+            again = [p for p in batch if getattr(exc, "retry_elsewhere", False)
+                     and not p.retried]
+            if again:
+                log.warning("%s: %s died with a batch of %d; it runs again on the next free "
+                            "device", self.name, runner.name, len(again))
+                with self._cond:
+                    for p in again:
+                        p.retried = True
+                    self._pending[:0] = again
+                    self._cond.notify_all()
+            else:
+                log.exception("%s: batch of %d failed", self.name, len(batch))
             for p in batch:
-                p.future.set_exception(exc)
+                if p not in again:
+                    p.future.set_exception(exc)
             return False
         elapsed = max(self._clock() - started, 1e-6)
         key = batch[0].item.shape_key

@@ -33,7 +33,11 @@ _ENV_LOCK = threading.Lock()
 
 
 class WorkerDied(RuntimeError):
-    """The worker process ended while it had a batch."""
+    """The worker process ended (or must end) while it had a batch. The batch was not at
+    fault as far as anyone knows: the batcher runs it again, once, on the next free
+    worker (the pipeline is deterministic per seed, so nothing is done twice that shows)."""
+
+    retry_elsewhere = True
 
 
 class EngineProcess:
@@ -153,8 +157,9 @@ class EngineProcess:
             self.items += len(works)
             return answer.images
         if isinstance(answer, Failed):
-            if answer.fatal:
+            if answer.fatal:  # its CUDA context is unusable: it exits and starts afresh
                 self.ready, self._broken = False, True
+                raise WorkerDied(f"{self.name}: {answer.message}")
             raise RuntimeError(answer.message)
         self.ready, self._broken = False, True
         code = self._proc.exitcode if self._proc is not None else None
