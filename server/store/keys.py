@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from sqlalchemy import DateTime, Float, Integer, String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from server.store.ledger import Ledger
 
@@ -88,7 +88,8 @@ class KeyStore:
     another process takes effect within seconds, without a query per request."""
 
     def __init__(self, ledger: Ledger, ttl_s: float = 2.0) -> None:
-        self.engine = ledger.engine  # the ledger brought its schema up to date
+        self.ledger = ledger  # the ledger brought its schema up to date; its sessions take
+        # turns on the in-memory database's one connection
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._cache: dict[str, KeyInfo] = {}  # digest -> an active key
@@ -103,34 +104,32 @@ class KeyStore:
         if name.lower() in RESERVED_NAMES:
             raise ValueError(f"the name {name!r} is reserved (it is the admin key's)")
         key = PREFIX + secrets.token_urlsafe(32)
-        with Session(self.engine) as s:
+        with self.ledger.writing() as s:
             if s.scalar(select(KeyRecord).where(KeyRecord.name == name)) is not None:
                 raise ValueError(f"a key named {name!r} exists already")
             s.add(KeyRecord(name=name, digest=digest(key), shown=key[:12] + "…",
                             daily_images=daily_images, daily_usd=daily_usd,
                             priority=priority, created_at=datetime.now(UTC)))
-            s.commit()
         self._loaded = 0.0
         return key
 
     def revoke(self, name: str) -> bool:
-        with Session(self.engine) as s:
+        with self.ledger.writing() as s:
             rec = s.scalar(select(KeyRecord).where(KeyRecord.name == name))
             if rec is None or rec.revoked_at is not None:
                 return False
             rec.revoked_at = datetime.now(UTC)
-            s.commit()
         self._loaded = 0.0
         return True
 
     def list(self) -> list[KeyInfo]:
-        with Session(self.engine) as s:
+        with self.ledger.reading() as s:
             return [_info(r) for r in s.scalars(select(KeyRecord).order_by(KeyRecord.id))]
 
     def _refresh(self) -> None:
         with self._lock:
             if time.monotonic() - self._loaded > self.ttl_s:
-                with Session(self.engine) as s:
+                with self.ledger.reading() as s:
                     rows = list(s.scalars(select(KeyRecord)))
                 self._cache = {r.digest: _info(r) for r in rows if r.revoked_at is None}
                 self._by_id = {r.id: _info(r) for r in rows}

@@ -181,7 +181,9 @@ class Ledger:
         self.write_error: str | None = None  # the last write's failure, until one succeeds
 
     @contextmanager
-    def _read(self) -> Iterator[Session]:
+    def reading(self) -> Iterator[Session]:
+        """A session for reads; on the in-memory database (one shared connection) it
+        takes the writers' turn (the key store and the quotas share both)."""
         if self._memory:
             with self._write_lock, Session(self.engine) as s:
                 yield s
@@ -258,7 +260,7 @@ class Ledger:
         q = (select(UsageRecord.route, func.sum(UsageRecord.cost_usd))
              .where(UsageRecord.at >= start, UsageRecord.at < end)
              .group_by(UsageRecord.route))
-        with self._read() as s:
+        with self.reading() as s:
             return {r: float(v or 0.0) for r, v in s.execute(q).all()}
 
     def used_today(self, owner: str, *, now: datetime | None = None) -> tuple[int, float]:
@@ -266,7 +268,7 @@ class Ledger:
         start, end = _day_bounds(now)
         q = select(func.sum(UsageRecord.images), func.sum(UsageRecord.cost_usd)).where(
             UsageRecord.key_id == owner, UsageRecord.at >= start, UsageRecord.at < end)
-        with self._read() as s:
+        with self.reading() as s:
             images, cost = s.execute(q).one()
         return int(images or 0), float(cost or 0.0)
 
@@ -304,7 +306,7 @@ class Ledger:
             func.sum(UsageRecord.cloud_equivalent_usd),
         ).group_by(g).order_by(g)
         q = _within(q, since, until, only_key)
-        with self._read() as s:
+        with self.reading() as s:
             result = s.execute(q).all()
         out: list[dict[str, Any]] = []
         for grp, n, images, ptok, ctok, dev_s, cost, cloud in result:
@@ -339,7 +341,7 @@ class Ledger:
         q = _within(q, since, until, only_key)
         if ids is not None:
             q = q.where(UsageRecord.id > ids[0], UsageRecord.id <= ids[1])
-        with self._read() as s:
+        with self.reading() as s:
             result = s.execute(q).all()
         return [MinuteBucket(
                     minute=_parse_minute(m), route=route, requests=int(n),
@@ -350,7 +352,7 @@ class Ledger:
 
     def last_id(self) -> int:
         """The newest row's id (0 when empty): rows are numbered in the order recorded."""
-        with self._read() as s:
+        with self.reading() as s:
             return int(s.execute(select(func.max(UsageRecord.id))).scalar() or 0)
 
     def close(self) -> None:
