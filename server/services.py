@@ -61,7 +61,13 @@ class AppState:
         if self.settings.admin_key is not None:
             return True
         keys = self.keys
-        return keys is None or await asyncio.to_thread(keys.any_keys)
+        if keys is None:
+            return True
+        # The cached answer costs no thread hop (a refusal under load must not queue
+        # behind every admitted request's hops).
+        if keys.fresh():
+            return keys.cached_any_keys()
+        return await asyncio.to_thread(keys.any_keys)
 
     def require_dispatcher(self) -> Dispatcher:
         if self.dispatcher is None:

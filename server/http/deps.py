@@ -22,7 +22,9 @@ T = TypeVar("T")
 DEADLINE_HEADER = "x-spillway-max-wait-ms"
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """Async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, one
+    hop per request, and under a burst the hop's queue is where a 429 waited."""
     state: AppState = request.app.state.spillway
     return state
 
@@ -60,7 +62,12 @@ async def authenticate(request: Request, state: State) -> None:
     if not token:
         raise _unauthorized("This server needs an API key: send 'Authorization: Bearer <key>' "
                              "(or 'x-goog-api-key: <key>').")
-    info = None if keys is None else await asyncio.to_thread(keys.lookup, token)
+    if keys is None:
+        info = None
+    elif keys.fresh():
+        info = keys.cached_lookup(token)
+    else:
+        info = await asyncio.to_thread(keys.lookup, token)
     if info is None:
         # Never echo the key: OpenAI's message shows a masked form; we show none of it.
         raise _unauthorized("Incorrect API key provided.")

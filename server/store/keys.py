@@ -135,6 +135,16 @@ class KeyStore:
                 self._by_id = {r.id: _info(r) for r in rows}
                 self._loaded = time.monotonic()
 
+    def fresh(self) -> bool:
+        """The cache may answer now: ``cached_*`` then need no query (nor a thread)."""
+        return time.monotonic() - self._loaded <= self.ttl_s
+
+    def cached_any_keys(self) -> bool:
+        return bool(self._by_id)
+
+    def cached_lookup(self, key: str) -> KeyInfo | None:
+        return self._cache.get(digest(key))
+
     def any_keys(self) -> bool:
         """True once any team key was ever made, revoked ones included."""
         self._refresh()

@@ -41,3 +41,20 @@ def test_keys_and_ledger_rows_from_many_threads_on_the_in_memory_ledger() -> Non
             t.join(60)
         assert errors == []
         assert len(keys.list()) == 1 + 3 * 3
+
+
+def test_the_cache_answers_without_a_query_only_while_fresh() -> None:
+    """What the request path relies on to skip a thread hop: a fresh cache has every
+    change this process made; a key made or revoked makes it stale at once."""
+    with Ledger("sqlite://") as ledger:
+        keys = KeyStore(ledger, ttl_s=60.0)
+        assert not keys.fresh()
+        assert keys.any_keys() is False and keys.fresh() and not keys.cached_any_keys()
+        token = keys.create("team")
+        assert not keys.fresh()  # made here: the cache must not answer until re-read
+        assert keys.lookup(token) is not None
+        assert keys.fresh() and keys.cached_lookup(token) is not None
+        assert keys.cached_any_keys()
+        keys.revoke("team")
+        assert not keys.fresh()
+        assert keys.lookup(token) is None and keys.cached_lookup(token) is None
