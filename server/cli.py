@@ -196,7 +196,10 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
           = 64,
           workers: Annotated[int | None, typer.Option(
               min=1, help="instead: the pipeline in the server's process vs 1..N engine "
-              "worker processes, side by side")] = None) -> None:
+              "worker processes, side by side")] = None,
+          burst: Annotated[int | None, typer.Option(
+              min=1, help="instead: this many simultaneous requests (use --size 512x512); "
+              "the server-side latency of the 429s and /healthz meanwhile")] = None) -> None:
     """Batched engine vs one-at-a-time, side by side, through the real HTTP server."""
     from server.tools import bench as bench_mod
 
@@ -204,6 +207,11 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
     if chat:
         bench_mod.compare_chat(settings, clients=clients, requests=requests,
                                max_tokens=max_tokens)
+    elif burst is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            bench_mod.burst(settings, requests=burst, size=size, folder=folder)
     elif workers is not None:
         bench_mod.compare_workers(settings, clients=clients, requests=requests, size=size,
                                   steps=steps, workers=workers)

@@ -280,3 +280,88 @@ def sweep(settings: Settings, batch_sizes: list[int], size: str, steps: int,
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         print(f"{b:>6}{med * 1000:>11.1f}{b / med:>10.1f}")
+
+
+async def _burst_load(port: int, requests: int, body: dict[str, object]
+                      ) -> tuple[list[int], list[float]]:
+    """All requests at once; /healthz polled every 20 ms until they are answered."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=requests + 4, max_keepalive_connections=8)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                                 limits=limits) as http:
+        statuses: list[int] = []
+        health: list[float] = []
+
+        async def one() -> None:
+            statuses.append((await http.post("/v1/images/generations", json=body)).status_code)
+
+        async def watch(done: asyncio.Event) -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                (await http.get("/healthz")).raise_for_status()
+                health.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.02)
+
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch(done))
+        await asyncio.gather(*(one() for _ in range(requests)))
+        done.set()
+        await watcher
+        return statuses, health
+
+
+def _burst_in_process(port: int, requests: int, body: dict[str, object]
+                      ) -> tuple[list[int], list[float]]:
+    return asyncio.run(_burst_load(port, requests, body))
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def burst(settings: Settings, *, requests: int, size: str, folder: str) -> None:
+    """``requests`` simultaneous image requests against a server with its default queue,
+    once with the pipeline in the server's process and once in an engine worker: how long
+    the refused ones waited for their 429, server-side (the ledger's ``latency_ms``), and
+    how /healthz answered meanwhile (client-side)."""
+    from sqlalchemy import create_engine, select
+
+    from server.config import EngineSettings
+    from server.store.ledger import UsageRecord
+
+    width, height = parse_size(size, _bench_settings(settings, size).images)
+    body: dict[str, object] = {"prompt": "a burst", "size": f"{width}x{height}"}
+    print(f"spillway bench --burst {requests}: {width}x{height}, max_queue "
+          f"{settings.batch.max_queue}, all sent at once")
+    print(f"{'engine':<14}{'ok':>6}{'429':>6}{'other':>7}{'429 p50 ms':>12}{'429 p99 ms':>12}"
+          f"{'healthz p50':>13}{'healthz p99':>13}")
+    for mode, devices in (("in-process", "inprocess"), ("1 worker", "cpu")):
+        url = f"sqlite:///{folder}/burst-{devices}.db"
+        s = _bench_settings(settings, size).model_copy(update={
+            "ledger_url": url, "engine": EngineSettings(devices=devices)})
+        app = create_app(s, chat_loader=None)
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="warning", access_log=False))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            while not (server.started and app.state.spillway.ready):
+                time.sleep(0.05)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                statuses, health = pool.submit(_burst_in_process, port, requests,
+                                               body).result()
+        finally:
+            server.should_exit = True
+            thread.join()
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            refused = [float(v) for v in conn.execute(select(UsageRecord.latency_ms).where(
+                UsageRecord.status == 429)).scalars()]
+        engine.dispose()
+        ok, too_many = statuses.count(200), statuses.count(429)
+        print(f"{mode:<14}{ok:>6}{too_many:>6}{len(statuses) - ok - too_many:>7}"
+              f"{_pct(refused, 0.5):>12.1f}{_pct(refused, 0.99):>12.1f}"
+              f"{_pct(health, 0.5) * 1000:>13.1f}{_pct(health, 0.99) * 1000:>13.1f}")

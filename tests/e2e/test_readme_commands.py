@@ -108,3 +108,12 @@ def test_bench_prints_both_modes_and_the_sweep(tiny_weights: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [ln.split() for ln in done.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"] and all(float(r[2]) > 0 for r in rows)
+    done = subprocess.run([SPILLWAY, "bench", "--workers", "1", "--requests", "12",
+                           "--clients", "4"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = {ln.split()[0]: ln.split() for ln in done.stdout.splitlines()
+             if ln.startswith(("in-process", "1 worker"))}
+    assert set(modes) == {"in-process", "1"}  # both rows, each with its figures
+    assert all(float(row[-1]) > 0 for row in modes.values())  # server CPU ms per image
+    assert "vs in-process: 1 worker" in done.stdout
