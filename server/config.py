@@ -33,6 +33,9 @@ class EngineSettings(BaseModel):
         "worker processes, e.g. `cuda:0,cuda:1` or `cpu,cpu`")
     load_timeout_s: float = Field(600.0, gt=0, description="a worker not loaded by then "
                                   "is reported and left out")
+    batch_timeout_s: float = Field(600.0, gt=0, description="a worker that neither answers "
+                                   "a batch nor dies by then (hung) is stopped and restarted; "
+                                   "its batch runs elsewhere")
 
     def worker_devices(self, cuda_count: int) -> list[str]:
         """The worker processes to start ([] = the pipeline in this process)."""

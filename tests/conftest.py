@@ -26,6 +26,15 @@ def _ledger_in_memory() -> None:
     os.environ.setdefault("SPILLWAY_LEDGER_URL", "sqlite://")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _engine_in_process() -> None:
+    """The image pipeline runs in the server's process unless a test asks for engine
+    workers (tests/e2e/test_engine_workers.py does, and the README's `make run` runs the
+    real default): a worker process per server would cost the suite minutes of loading,
+    and what the API tests check does not depend on where the pixels are made."""
+    os.environ.setdefault("SPILLWAY_ENGINE__DEVICES", "inprocess")
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weights")

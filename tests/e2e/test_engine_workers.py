@@ -123,6 +123,26 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_comes_back(
         in metrics
 
 
+def test_a_hung_worker_is_stopped_and_its_batch_runs_elsewhere(tiny_weights: Path) -> None:
+    s = settings(tiny_weights, "cpu,cpu").model_copy(update={
+        "engine": EngineSettings(devices="cpu,cpu", batch_timeout_s=20.0)})
+    app = create_app(s, chat_loader=None)
+    with serve(app) as base:
+        local = app.state.spillway.images
+        results: dict[str, httpx.Response] = {}
+        big = threading.Thread(target=lambda: results.update(r=gen(base, "hung", 1, n=8,
+                                                                   size="512x512")))
+        big.start()
+        wait_for(lambda: any(w.busy for w in local.workers))
+        victim = next(w for w in local.workers if w.busy)
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGSTOP)  # alive, and never answering
+        big.join(120)
+        assert results["r"].status_code == 200, results["r"].text
+        assert len(results["r"].json()["data"]) == 8
+        wait_for(lambda: victim.ready and victim.restarts == 1, timeout=120)
+
+
 def test_a_worker_that_cannot_load_says_why_and_the_others_serve(tiny_weights: Path,
                                                                  tmp_path: Path) -> None:
     s = settings(tiny_weights, "cpu")

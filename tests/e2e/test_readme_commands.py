@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _env(weights: Path) -> dict[str, str]:
-    return {**os.environ, "SPILLWAY_WEIGHTS_DIR": str(weights), "PYTHONUNBUFFERED": "1"}
+    """A newcomer's environment: the defaults (engine workers included), the tiny weights."""
+    env = {k: v for k, v in os.environ.items() if k != "SPILLWAY_ENGINE__DEVICES"}
+    return {**env, "SPILLWAY_WEIGHTS_DIR": str(weights), "PYTHONUNBUFFERED": "1"}
 
 
 def test_make_run_serves_the_openai_sdk(tmp_path: Path) -> None:
@@ -48,6 +51,11 @@ def test_make_run_serves_the_openai_sdk(tmp_path: Path) -> None:
         assert (weights / "sdxl-turbo-tiny" / "model_index.json").is_file()
         text = (tmp_path / "server.log").read_text()
         assert "serving sdxl-turbo" in text and "tiny" in text
+        # the default on a machine without CUDA: one engine worker process
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+        (images,) = [m for m in models if m["id"] == "sdxl-turbo"]
+        assert [(w["device"], w["state"]) for w in images["spillway"]["workers"]] == [
+            ("cpu", "ready")]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

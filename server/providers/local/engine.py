@@ -44,10 +44,13 @@ class EngineProcess:
     """One engine worker process and the pipe to it."""
 
     def __init__(self, spec: EngineSpec, name: str, *, load_timeout_s: float = 600.0,
-                 stop_timeout_s: float = 30.0) -> None:
+                 batch_timeout_s: float = 600.0, stop_timeout_s: float = 30.0) -> None:
         self.spec = spec
         self.name = name
         self.load_timeout_s = load_timeout_s
+        # A worker that neither answers nor dies (a hung kernel) is killed after this:
+        # its batch then runs elsewhere, as if it had died.
+        self.batch_timeout_s = batch_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.ready = False
         self.state = "starting"  # starting | ready | restarting | failed | stopped
@@ -145,7 +148,7 @@ class EngineProcess:
         self.busy = True
         try:
             conn.send(RunBatch([WireItem.of(w) for w in works]))
-            answer = self._wait(None)
+            answer = self._wait(self.batch_timeout_s)
         except (OSError, ValueError) as exc:
             self.ready, self._broken = False, True
             raise WorkerDied(f"{self.name} is gone ({type(exc).__name__})") from None
@@ -162,7 +165,12 @@ class EngineProcess:
                 raise WorkerDied(f"{self.name}: {answer.message}")
             raise RuntimeError(answer.message)
         self.ready, self._broken = False, True
-        code = self._proc.exitcode if self._proc is not None else None
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            raise WorkerDied(f"the engine worker {self.name} did not answer within "
+                             f"{self.batch_timeout_s:g} s and was stopped")
+        code = proc.exitcode if proc is not None else None
         raise WorkerDied(f"the engine worker {self.name} died during the batch"
                          + (f" (exit code {code})" if code is not None else ""))
 

@@ -106,7 +106,8 @@ def start_workers(settings: Settings, devices: list[str]) -> LocalImages:
                                         settings.xformers, settings.images.min_side,
                                         settings.images.max_side,
                                         worker_threads(settings, cpus)),
-                             f"sdxl-{device}-{i}", load_timeout_s=settings.engine.load_timeout_s)
+                             f"sdxl-{device}-{i}", load_timeout_s=settings.engine.load_timeout_s,
+                             batch_timeout_s=settings.engine.batch_timeout_s)
                for i, device in enumerate(devices)]
     with ThreadPoolExecutor(len(workers)) as pool:
         outcomes = list(pool.map(_try_start, workers))
