@@ -123,6 +123,20 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_comes_back(
         in metrics
 
 
+def test_a_worker_that_dies_while_idle_is_noticed_and_started_again(
+        two_workers: tuple[str, LocalImages]) -> None:
+    """No request has to fail on it first: its batcher thread sees it gone."""
+    base, local = two_workers
+    victim = local.workers[0]
+    pid = victim.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: victim.restarts == 1 and victim.ready, timeout=120)
+    assert victim.pid != pid
+    assert local.batcher.live_devices() == 2
+    assert gen(base, "after", seed=3, n=4).status_code == 200
+
+
 def test_a_hung_worker_is_stopped_and_its_batch_runs_elsewhere(tiny_weights: Path) -> None:
     s = settings(tiny_weights, "cpu,cpu").model_copy(update={
         "engine": EngineSettings(devices="cpu,cpu", batch_timeout_s=20.0)})

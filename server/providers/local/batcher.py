@@ -295,9 +295,9 @@ class Batcher(Generic[T, R]):
                         p.future.set_exception(Expired("deadline passed while queued"))
                 if self._closing:
                     return None
-                if not runner.ready:  # starting or restarting: the others take the work
+                if not runner.ready:  # down: the others take the work, _work revives it
                     self._cond.wait(0.2)
-                    continue
+                    return []
                 decision = form_batch(self._pending, now, self.policy)
                 if decision.take:
                     chosen = set(decision.take)
@@ -306,7 +306,8 @@ class Batcher(Generic[T, R]):
                     expected = sum(self._seconds_for(p.item) for p in batch)
                     self._running[slot] = (now, expected, len(batch))
                     return batch
-                self._cond.wait(decision.wait_s)
+                # Idle, look up each second: a device that died idle is noticed at once.
+                self._cond.wait(decision.wait_s if decision.wait_s is not None else 1.0)
 
     def _work(self, slot: int) -> None:
         runner = self.runners[slot]
@@ -316,12 +317,12 @@ class Batcher(Generic[T, R]):
                 return
             # A client that left between forming and now is dropped here, not computed.
             batch = [p for p in batch if p.claim()]
-            ok = self._run(runner, batch) if batch else True
+            ok = self._run(runner, batch) if batch else runner.ready
             with self._cond:
                 self._running.pop(slot, None)
-            if not ok:
+            if not ok:  # its device died, under a batch or idle: brought back first
                 try:
-                    runner.recover()  # a worker that died is restarted before it runs again
+                    runner.recover()
                 except Exception:
                     log.exception("%s: %s could not recover", self.name, runner.name)
                 with self._cond:

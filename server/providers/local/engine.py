@@ -52,7 +52,7 @@ class EngineProcess:
         # its batch then runs elsewhere, as if it had died.
         self.batch_timeout_s = batch_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.ready = False
+        self._ready = False
         self.state = "starting"  # starting | ready | restarting | failed | stopped
         self.description = ""
         self.load_error: str | None = None
@@ -65,6 +65,16 @@ class EngineProcess:
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        """Takes work now: loaded, and its process still there (one that died while idle
+        stops counting at once, and its batcher thread starts it again)."""
+        return self._ready and self._proc is not None and self._proc.is_alive()
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
 
     @property
     def pid(self) -> int | None:
@@ -107,9 +117,10 @@ class EngineProcess:
                            f"{self.spec.device}: {self.load_error}")
 
     def recover(self) -> None:
-        """After a failed batch: a worker that died (or must not go on) starts again."""
-        if self._closed or not (self._broken or self._proc is None
-                                or not self._proc.is_alive()):
+        """A worker that died (or must not go on) starts again. One that never loaded, or
+        whose last restart failed, stays out (``state`` failed): no loop of doomed starts."""
+        if self._closed or self.state == "failed" or not (
+                self._broken or self._proc is None or not self._proc.is_alive()):
             return
         self._broken = False
         self.ready, self.state = False, "restarting"
