@@ -79,7 +79,7 @@ def _check_text(text: str, path: str) -> None:
 
 
 def shown(text: str) -> str:
-    """``text`` safe to send or store: lone surrogates written as ``\\udXXX`` escapes."""
+    """``text`` safe to send or store: a lone surrogate is written as its escape (``\\ud800``)."""
     if valid_text(text):
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

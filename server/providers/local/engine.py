@@ -191,6 +191,8 @@ class EngineProcess:
         assert conn is not None and proc is not None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while deadline is None or time.monotonic() < deadline:
+            # Asked before polling: whatever it sent before it ended is read first.
+            alive = proc.is_alive()
             try:
                 if conn.poll(0.2):
                     answer = conn.recv()
@@ -199,14 +201,6 @@ class EngineProcess:
                     continue
             except (EOFError, OSError):
                 return None
-            if not proc.is_alive():
-                # It may have answered just before it ended: read what is there first.
-                try:
-                    if conn.poll(0):
-                        answer = conn.recv()
-                        if isinstance(answer, Loaded | Ran | Failed):
-                            return answer
-                except (EOFError, OSError):
-                    pass
+            if not alive:
                 return None
         return None

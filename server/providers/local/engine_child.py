@@ -35,6 +35,12 @@ class EngineSpec:
     torch_threads: int = 1
 
 
+def _one_line(exc: BaseException) -> str:
+    """What the parent is told: the error's type and its first line, bounded."""
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _cuda_poisoned(exc: BaseException) -> bool:
     """After a device-side assert or an illegal access the CUDA context is unusable:
     the worker must exit and be started afresh."""
@@ -60,8 +66,7 @@ def main(conn: Connection, spec: EngineSpec, parent_pid: int) -> None:
                                 xformers=spec.xformers,
                                 limits=Limits(min_side=spec.min_side, max_side=spec.max_side))
     except BaseException as exc:  # noqa: BLE001 - told to the parent in one sentence
-        conn.send(Failed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                         if str(exc) else type(exc).__name__, fatal=True))
+        conn.send(Failed(_one_line(exc), fatal=True))
         return
     dtype = str(engine.pipe.dtype).removeprefix("torch.")
     conn.send(Loaded(f"{spec.device}, {dtype}, {engine.attention}, pid {os.getpid()}"))
@@ -84,8 +89,7 @@ def main(conn: Connection, spec: EngineSpec, parent_pid: int) -> None:
             images = encode_all(engine.run([w.item for w in works]), works)
         except Exception as exc:  # noqa: BLE001 - the batch's requests get it
             fatal = _cuda_poisoned(exc)
-            conn.send(Failed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                             if str(exc) else type(exc).__name__, fatal=fatal))
+            conn.send(Failed(_one_line(exc), fatal=fatal))
             if fatal:
                 return
             continue
