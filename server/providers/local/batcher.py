@@ -1,10 +1,11 @@
 """A bounded queue feeding its devices with compatible micro-batches.
 
-The decisions are pure functions (``form_batch``, ``split_expired``); the ``Batcher``
-class only holds the lock, one thread per device (a ``Runner``: a pipeline in this
-process, or an engine worker process) and the measurements. While the devices run,
-arriving items queue up grouped by shape, so the next batch is ready the moment one
-frees, and it is as large as the waiting work allows.
+The decisions are pure functions (``form_batch``, ``split_expired`` in forming.py; the
+estimate's arithmetic in estimate.py); the ``Batcher`` class only holds the lock, one
+thread per device (a ``Runner``: a pipeline in this process, or an engine worker process)
+and the measurements. While the devices run, arriving items queue up grouped by shape,
+so the next batch is ready the moment one frees, and it is as large as the waiting work
+allows.
 """
 
 from __future__ import annotations
@@ -14,21 +15,28 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from server.errors import APIError, shutting_down
+from server.providers.local.estimate import Arrivals, Calibration, CostModel, eta
+from server.providers.local.forming import (
+    BatchPolicy,
+    Decision,
+    Item,
+    Pending,
+    capacity,
+    company_hold,
+    form_batch,
+    split_expired,
+)
 from server.providers.local.runner import InThread, Runner
 
+__all__ = ["BatchDone", "BatchPolicy", "Batcher", "Closed", "Decision", "Expired", "Item",
+           "Pending", "QueueFull", "Snapshot", "Timing", "form_batch", "from_batch_failure",
+           "split_expired", "timing_of"]
+
 log = logging.getLogger(__name__)
-
-
-class Item(Protocol):
-    @property
-    def shape_key(self) -> Hashable: ...
-
-    @property
-    def pixels(self) -> int: ...
 
 
 T = TypeVar("T", bound=Item)
@@ -47,30 +55,6 @@ class Expired(Exception):
 
 class Closed(Exception):
     """The batcher stopped before the item ran."""
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch: int = 32
-    max_batch_pixels: int = 16 * 512 * 512
-    max_wait_s: float = 0.010
-    max_queue: int = 256
-
-
-@dataclass(eq=False)
-class Pending(Generic[T]):
-    item: T
-    enqueued: float
-    deadline: float
-    future: Future[Any] = field(default_factory=Future)
-    bulk: bool = False  # batch-job work: interactive items go first
-    retried: bool = False  # its device died under it once; it runs again, once
-
-    def claim(self) -> bool:
-        """Take the item for running (or for failing): False if its client has left."""
-        if self.retried:  # already running since its first try
-            return not self.future.done()
-        return self.future.set_running_or_notify_cancel()
 
 
 @dataclass(frozen=True)
@@ -98,63 +82,6 @@ def timing_of(future: Future[Any]) -> Timing | None:
     return timing
 
 
-@dataclass(frozen=True)
-class Decision:
-    take: tuple[int, ...] = ()  # indices into the pending list, in arrival order
-    wait_s: float | None = None  # when nothing is taken: how long until it is worth looking again
-
-
-def split_expired(pending: Sequence[Pending[T]], now: float
-                  ) -> tuple[list[Pending[T]], list[Pending[T]], list[Pending[T]]]:
-    """(live, expired, cancelled): the last two must never reach the device."""
-    live, expired, cancelled = [], [], []
-    for p in pending:
-        if p.future.cancelled():
-            cancelled.append(p)
-        elif p.deadline <= now:
-            expired.append(p)
-        else:
-            live.append(p)
-    return live, expired, cancelled
-
-
-def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy) -> Decision:
-    """Pick the next batch: the oldest item's shape, in arrival order, within budget.
-    Interactive items come before bulk ones: the oldest interactive item leads, and bulk
-    items of its shape fill what room is left.
-
-    Closes when the batch is full (item count or pixel budget) or the oldest item has
-    waited ``max_wait_s``; otherwise says how long to wait. The first item is always
-    admitted, even when it alone is over the pixel budget, so nothing starves.
-    """
-    if not pending:
-        return Decision()
-    order = [i for i, p in enumerate(pending) if not p.bulk] + \
-        [i for i, p in enumerate(pending) if p.bulk]
-    oldest = pending[order[0]]
-    key = oldest.item.shape_key
-    take: list[int] = []
-    pixels = 0
-    full = False
-    for i in order:
-        p = pending[i]
-        if p.item.shape_key != key:
-            continue
-        if take and (len(take) >= policy.max_batch
-                     or pixels + p.item.pixels > policy.max_batch_pixels):
-            full = True
-            break
-        take.append(i)
-        pixels += p.item.pixels
-    # With nothing more of this shape waiting, a batch that could not take one more is full.
-    full = (full or len(take) >= policy.max_batch
-            or pixels + oldest.item.pixels > policy.max_batch_pixels)
-    waited = now - oldest.enqueued
-    if full or waited >= policy.max_wait_s:
-        return Decision(take=tuple(take))
-    return Decision(wait_s=policy.max_wait_s - waited)
-
-
 class Ewma:
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
@@ -171,6 +98,7 @@ class Snapshot:
     items_per_s: float | None
     batches: int
     items_done: int
+    margin_s: float = 0.0  # the p95 of what the estimate missed by, added at admission
 
 
 class Batcher(Generic[T, R]):
@@ -194,7 +122,10 @@ class Batcher(Generic[T, R]):
         self._closing = False
         # device slot -> (started, expected_s, items) of the batch it runs now
         self._running: dict[int, tuple[float, float, int]] = {}
-        self._item_s: dict[Hashable, tuple[Ewma, int]] = {}  # shape -> (s/item, pixels)
+        self._costs: dict[Hashable, CostModel] = {}  # shape -> its measured batch costs
+        self._calibration = Calibration()
+        self._arrivals = Arrivals()
+        self._free_since = [float("-inf")] * len(self.runners)  # when each device freed
         self._rate = Ewma()  # items/s over all shapes
         self._default_item_s = default_item_s
         self._batches = 0
@@ -233,8 +164,11 @@ class Batcher(Generic[T, R]):
                 raise Closed("server is shutting down")
             if self._live_locked() + len(items) > self.policy.max_queue:
                 raise QueueFull(self._drain_s_locked(now))
-            entries = [Pending(item, now, now + timeout_s, bulk=bulk) for item in items]
+            predicted = self._eta_locked(now, items, include_bulk=bulk)
+            entries = [Pending(item, now, now + timeout_s, bulk=bulk, predicted_s=predicted)
+                       for item in items]
             self._pending.extend(entries)
+            self._arrivals.add(now, len(items))
             self._cond.notify_all()
         return [e.future for e in entries]
 
@@ -243,15 +177,18 @@ class Batcher(Generic[T, R]):
         with self._cond:
             running = sum(n for _, _, n in self._running.values())
             return Snapshot(self._live_locked(), running, self._rate.value,
-                            self._batches, self._items_done)
+                            self._batches, self._items_done, self._calibration.margin_s())
 
     def estimated_wait(self, items: Sequence[T], *, bulk: bool = False) -> float:
         """Seconds until these items would be done if admitted now (interactive items
-        do not wait for queued bulk work)."""
+        do not wait for queued bulk work), plus the p95 of what past estimates missed by:
+        what admission by deadline compares. With no items: until the queue drains."""
         now = self._clock()
         with self._cond:
-            return (self._drain_s_locked(now, include_bulk=bulk)
-                    + sum(self._seconds_for(i) for i in items))
+            raw = self._eta_locked(now, items, include_bulk=bulk)
+            if not items:
+                return raw
+            return max(0.0, raw + self._calibration.margin_s())
 
     def _live_locked(self) -> int:
         """Queued items a client still waits for (a cancelled one is gone for good)."""
@@ -260,27 +197,41 @@ class Batcher(Generic[T, R]):
     def live_devices(self) -> int:
         return sum(1 for r in self.runners if r.ready)
 
-    def _drain_s_locked(self, now: float, include_bulk: bool = True) -> float:
-        """The queued work and what the devices still run, shared by the devices that can
-        take work now; none: never (the router spills or refuses)."""
-        ahead = sum(self._seconds_for(p.item) for p in self._pending
-                    if not p.future.cancelled() and (include_bulk or not p.bulk))
-        for started, expected, _ in self._running.values():
-            ahead += max(0.0, started + expected - now)
-        live = self.live_devices()
-        return ahead / live if live else float("inf")
+    def _drain_s_locked(self, now: float) -> float:
+        return self._eta_locked(now, ())
 
-    def _seconds_for(self, item: T) -> float:
-        seen = self._item_s.get(item.shape_key)
-        if seen is not None and seen[0].value is not None:
-            return seen[0].value
-        # An unseen shape costs what the cheapest seen one costs per pixel, or per item
-        # when pixels say nothing (text-only chat); nothing seen yet: the prior.
-        measured = [(e.value, px) for e, px in self._item_s.values() if e.value is not None]
-        per_pixel = [v / px for v, px in measured if px > 0]
-        if per_pixel and item.pixels > 0:
-            return min(per_pixel) * item.pixels
-        return min(v for v, _ in measured) if measured else self._default_item_s
+    def _eta_locked(self, now: float, items: Sequence[T], include_bulk: bool = True) -> float:
+        """The model's estimate (estimate.py's ``eta``) over the queue as it is now; no
+        live device: never (the router spills or refuses)."""
+        ahead = [(p.item.shape_key, p.item.pixels) for p in self._pending
+                 if not p.future.cancelled() and (include_bulk or not p.bulk)]
+        left = sum(max(0.0, started + expected - now)
+                   for started, expected, _ in self._running.values())
+        return eta(ahead, [(i.shape_key, i.pixels) for i in items], running_left_s=left,
+                   devices=self.live_devices(), batch_s=self._batch_s,
+                   capacity=lambda px: capacity(px, self.policy),
+                   forming_wait_s=self.policy.max_wait_s)
+
+    def _batch_s(self, key: Hashable, pixels: int, size: int) -> float:
+        """A batch's measured cost; an unseen shape costs what the cheapest seen one costs
+        per pixel, or per batch when pixels say nothing (text-only chat); nothing seen
+        yet: the prior per item."""
+        model = self._costs.get(key)
+        seen = model.seconds(size) if model is not None else None
+        if seen is not None:
+            return seen
+        measured = [(s, m.pixels) for m in self._costs.values()
+                    if (s := m.seconds(size)) is not None]
+        per_pixel = [s / px for s, px in measured if px > 0]
+        if per_pixel and pixels > 0:
+            return min(per_pixel) * pixels
+        return min(s for s, _ in measured) if measured else self._default_item_s * size
+
+    def _hold_s(self, key: Hashable) -> float:
+        model = self._costs.get(key)
+        fit = model.fit if model is not None else None
+        return company_hold(fit[0] if fit else 0.0, self._arrivals.per_s(self._clock()),
+                            self.policy)
 
     # -- the device worker -----------------------------------------------------------
     def _next_batch(self, slot: int) -> list[Pending[T]] | None:
@@ -298,12 +249,14 @@ class Batcher(Generic[T, R]):
                 if not runner.ready:  # down: the others take the work, _work revives it
                     self._cond.wait(0.2)
                     return []
-                decision = form_batch(self._pending, now, self.policy)
+                decision = form_batch(self._pending, now, self.policy,
+                                      idle_s=now - self._free_since[slot], hold_s=self._hold_s)
                 if decision.take:
                     chosen = set(decision.take)
                     batch = [self._pending[i] for i in decision.take]
                     self._pending = [p for i, p in enumerate(self._pending) if i not in chosen]
-                    expected = sum(self._seconds_for(p.item) for p in batch)
+                    first = batch[0].item
+                    expected = self._batch_s(first.shape_key, first.pixels, len(batch))
                     self._running[slot] = (now, expected, len(batch))
                     return batch
                 # Idle, look up each second: a device that died idle is noticed at once.
@@ -320,6 +273,7 @@ class Batcher(Generic[T, R]):
             ok = self._run(runner, batch) if batch else runner.ready
             with self._cond:
                 self._running.pop(slot, None)
+                self._free_since[slot] = self._clock()
             if not ok:  # its device died, under a batch or idle: brought back first
                 try:
                     runner.recover()
@@ -354,11 +308,18 @@ class Batcher(Generic[T, R]):
                 if p not in again:
                     p.future.set_exception(exc)
             return False
-        elapsed = max(self._clock() - started, 1e-6)
-        key = batch[0].item.shape_key
+        done = self._clock()
+        elapsed = max(done - started, 1e-6)
+        first = batch[0].item
         with self._cond:
-            self._item_s.setdefault(key, (Ewma(), batch[0].item.pixels))[0].add(
-                elapsed / len(batch))
+            self._costs.setdefault(first.shape_key, CostModel(first.pixels)).add(
+                len(batch), elapsed)
+            # What the estimate missed by, learnt from interactive items (the ones admitted
+            # by deadline; bulk work yields to later arrivals by design), and not from a
+            # retried item (its first device died under it).
+            for p in batch:
+                if p.predicted_s is not None and not p.retried and not p.bulk:
+                    self._calibration.add(done - p.enqueued - p.predicted_s)
             self._rate.add(len(batch) / elapsed)
             self._batches += 1
             self._items_done += len(batch)

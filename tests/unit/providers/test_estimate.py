@@ -1,0 +1,198 @@
+"""The batcher's estimates and batch forming by measured cost: the pure arithmetic
+(estimate.py, forming.py) and, with a fake device that sleeps like a real one (a fixed
+overhead per call plus a cost per item), what a client sees: estimates that hold at
+their p95, and a steady 16-client load that settles into full batches."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from server.providers.local.batcher import Batcher, BatchPolicy, Pending, form_batch
+from server.providers.local.estimate import Arrivals, Calibration, eta, fit_line
+from server.providers.local.forming import company_hold
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    side: int = 64
+
+    @property
+    def shape_key(self) -> int:
+        return self.side
+
+    @property
+    def pixels(self) -> int:
+        return self.side * self.side
+
+
+# -- pure arithmetic ------------------------------------------------------------------
+
+def test_fit_line_recovers_overhead_and_per_item_cost() -> None:
+    a, b = 0.015, 0.002
+    fit = fit_line([(n, a + b * n) for n in (2, 14, 2, 14, 16)])
+    assert fit == pytest.approx((a, b))
+
+
+def test_fit_line_with_one_size_is_all_per_item_and_never_negative() -> None:
+    assert fit_line([(4, 0.4), (4, 0.4)]) == pytest.approx((0.0, 0.1))
+    assert fit_line([]) is None
+    # Noise that would fit a negative overhead is fitted through the origin instead.
+    a, b = fit_line([(1, 0.001), (10, 0.2)])  # type: ignore[misc]
+    assert a == 0.0 and b > 0
+
+
+def cost(_key: object, _pixels: int, n: int) -> float:
+    return 0.010 + 0.001 * n
+
+
+def test_eta_counts_whole_batches_and_the_new_items_last_one() -> None:
+    shape = (64, 64 * 64)
+    common = dict(running_left_s=0.0, batch_s=cost, capacity=lambda px: 4)
+    # 6 queued + 1 new at 4 a batch: one full batch ahead, then the new item's batch of 3.
+    assert eta([shape] * 6, [shape], devices=1, **common) == pytest.approx(
+        (0.010 + 0.004) + (0.010 + 0.003))
+    # Two devices share the work ahead; the new item's own batch still runs whole.
+    assert eta([shape] * 6, [shape], devices=2, **common) == pytest.approx(
+        (0.010 + 0.004) / 2 + (0.010 + 0.003))
+    # Nothing ahead and not full: it waits for company first.
+    assert eta([], [shape], devices=1, forming_wait_s=0.01, **common) == pytest.approx(
+        0.011 + 0.01)
+    # No live device: never.
+    assert eta([], [shape], devices=0, **common) == float("inf")
+    # Draining: all of it.
+    assert eta([shape] * 5, [], devices=1, **common) == pytest.approx(0.014 + 0.011)
+
+
+def test_calibration_margin_is_the_p95_of_the_errors() -> None:
+    cal = Calibration(window=100, min_samples=20)
+    for _ in range(19):
+        cal.add(1.0)
+    assert cal.margin_s() == 0.0  # too few to say
+    for i in range(81):
+        cal.add(i / 1000)
+    ordered = sorted([1.0] * 19 + [i / 1000 for i in range(81)])
+    assert cal.margin_s() == ordered[94]
+
+
+def test_arrivals_counts_the_last_window() -> None:
+    arrivals = Arrivals(window_s=1.0)
+    arrivals.add(0.0, 10)
+    arrivals.add(0.5, 5)
+    assert arrivals.per_s(0.9) == 15
+    assert arrivals.per_s(1.2) == 5
+
+
+def test_company_hold_waits_only_when_the_overhead_buys_a_larger_batch() -> None:
+    policy = BatchPolicy(max_hold_s=0.05)
+    assert company_hold(0.015, 300.0, policy) == pytest.approx(0.015)  # busy: wait for it
+    assert company_hold(0.015, 10.0, policy) == 0.0  # light load: a lone request runs now
+    assert company_hold(0.0, 1e6, policy) == 0.0  # no overhead: nothing to gain
+    assert company_hold(0.2, 300.0, policy) == 0.05  # capped
+
+
+def test_a_freed_device_holds_a_small_batch_for_company_then_takes_it() -> None:
+    policy = BatchPolicy(max_batch=16, max_wait_s=0.01)
+    pending = [Pending(Item(f"p{i}"), enqueued=0.0, deadline=1e9) for i in range(2)]
+    # Both waited long; the device freed 2 ms ago and the hold is 15 ms: not yet.
+    held = form_batch(pending, 1.0, policy, idle_s=0.002, hold_s=lambda _k: 0.015)
+    assert held.take == () and held.wait_s == pytest.approx(0.013)
+    # Once the hold is over it takes what there is.
+    assert form_batch(pending, 1.0, policy, idle_s=0.015,
+                      hold_s=lambda _k: 0.015).take == (0, 1)
+    # A full batch never waits.
+    full = [Pending(Item(f"p{i}"), enqueued=1.0, deadline=1e9) for i in range(16)]
+    assert len(form_batch(full, 1.0, policy, idle_s=0.0,
+                          hold_s=lambda _k: 0.015).take) == 16
+
+
+# -- the batcher with a device that costs overhead + n x per item -----------------------
+
+OVERHEAD_S = 0.015
+PER_ITEM_S = 0.002
+
+
+class SleepyDevice:
+    def __init__(self, noise: float = 0.0, seed: int = 1) -> None:
+        self.sizes: list[int] = []
+        self.noise = noise
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+
+    def __call__(self, items: list[Item]) -> list[str]:
+        with self.lock:
+            self.sizes.append(len(items))
+            jitter = 1 + self.noise * (2 * self.rng.random() - 1)
+        time.sleep((OVERHEAD_S + PER_ITEM_S * len(items)) * jitter)
+        return [i.name for i in items]
+
+
+def test_a_steady_16_client_load_settles_into_full_batches() -> None:
+    """16 clients, each sending its next request a little after its answer, some later
+    than others (as an HTTP side delivering answers one by one does): the stragglers
+    miss the forming window, and without waiting for company the batches lock into a
+    large one and a small one taking turns. Batch forming by measured cost closes that
+    split."""
+    device = SleepyDevice()
+    b: Batcher[Item, str] = Batcher("t", device, BatchPolicy(max_batch=16, max_wait_s=0.01),
+                                    default_item_s=0.01)
+    b.start()
+    stop = time.monotonic() + 4.0
+
+    def client(i: int) -> None:
+        while time.monotonic() < stop:
+            (f,) = b.submit([Item(f"c{i}")], timeout_s=30)
+            f.result(timeout=30)
+            time.sleep(0.001 * i)  # client i is back i ms after its answer
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close()
+    settled = device.sizes[len(device.sizes) // 2:]
+    assert statistics.mean(settled) >= 14, device.sizes
+
+
+def test_admitting_on_the_estimate_plus_its_p95_error_keeps_items_on_time() -> None:
+    """A device whose batches vary by +-40% around their mean: the bare estimate is
+    beaten about half the time, the calibrated one (what estimated_wait returns and the
+    router compares with a deadline) about one time in twenty."""
+    device = SleepyDevice(noise=0.4)
+    b: Batcher[Item, str] = Batcher("t", device, BatchPolicy(max_batch=4, max_wait_s=0.0),
+                                    default_item_s=0.01)
+    b.start()
+    outcomes: list[tuple[float, float, float]] = []  # (raw, calibrated, took)
+    lock = threading.Lock()
+    stop = time.monotonic() + 5.0
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            items = [Item("x")]
+            calibrated = b.estimated_wait(items)
+            raw = calibrated - b.snapshot().margin_s
+            t0 = time.monotonic()
+            (f,) = b.submit(items, timeout_s=30)
+            f.result(timeout=30)
+            with lock:
+                outcomes.append((raw, calibrated, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close()
+    learnt = outcomes[len(outcomes) // 3:]  # once the errors are learnt
+    assert len(learnt) > 60
+    late_raw = sum(took > raw for raw, _, took in learnt) / len(learnt)
+    late_calibrated = sum(took > cal for _, cal, took in learnt) / len(learnt)
+    assert late_raw > 0.25, late_raw
+    assert late_calibrated < 0.12, (late_calibrated, late_raw)
