@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     StoppingCriteria,
@@ -135,31 +136,22 @@ class _RowStops(StoppingCriteria):  # type: ignore[misc]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
-class VisionLanguageModel:
-    def __init__(self, model: Any, processor: Any, device: torch.device) -> None:
-        self.model = model
+class Prompts:
+    """A VLM folder's processor side: chat template, tokenizer, image placeholders and the
+    context length. No weights and no torch model: the server counts prompt tokens with
+    it before admission while the model itself runs in an engine worker."""
+
+    def __init__(self, processor: Any, config: Any) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.device = device
         self.tokenizer.padding_side = "left"  # generation appends on the right
-        cfg = getattr(model.config, "text_config", model.config)
+        cfg = getattr(config, "text_config", config)
         self.context_length = int(getattr(cfg, "max_position_embeddings", 4096))
-        eos = model.generation_config.eos_token_id
-        self.eos: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            self.eos.add(self.tokenizer.eos_token_id)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = next(iter(self.eos))
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device) -> VisionLanguageModel:
-        processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(folder), dtype=pick_vlm_dtype(device), use_safetensors=True,
-            local_files_only=True)
-        model.to(device).eval()
-        return cls(model, processor, device)
+    def load(cls, folder: str | Path) -> Prompts:
+        return cls(AutoProcessor.from_pretrained(str(folder), local_files_only=True),
+                   AutoConfig.from_pretrained(str(folder), local_files_only=True))
 
     def render(self, messages: list[Message]) -> str:
         text: str = self.processor.apply_chat_template(messages, add_generation_prompt=True,
@@ -179,9 +171,41 @@ class VisionLanguageModel:
         except (AttributeError, TypeError, NotImplementedError):
             counts = []
         if len(counts) != len(images):  # no cheap formula: let the processor expand it
-            out = self.processor(text=[text], images=images, return_tensors="pt")
+            out = self.processor(text=[text], images=images, return_tensors="np")
             return int(out["input_ids"].shape[1])
         return len(ids) - len(images) + int(sum(counts))
+
+
+class VisionLanguageModel:
+    def __init__(self, model: Any, processor: Any, device: torch.device) -> None:
+        self.model = model
+        self.prompts = Prompts(processor, model.config)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.context_length = self.prompts.context_length
+        eos = model.generation_config.eos_token_id
+        self.eos: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos.add(self.tokenizer.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = next(iter(self.eos))
+
+    @classmethod
+    def load(cls, folder: str | Path, device: torch.device) -> VisionLanguageModel:
+        processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(folder), dtype=pick_vlm_dtype(device), use_safetensors=True,
+            local_files_only=True)
+        model.to(device).eval()
+        return cls(model, processor, device)
+
+    def render(self, messages: list[Message]) -> str:
+        return self.prompts.render(messages)
+
+    def count_prompt_tokens(self, messages: list[Message], images: list[Image.Image]) -> int:
+        return self.prompts.count_prompt_tokens(messages, images)
 
     @torch.inference_mode()
     def generate(self, items: list[ChatItem]) -> list[ChatResult]:

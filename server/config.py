@@ -28,34 +28,80 @@ class BatchSettings(BaseModel):
 class EngineSettings(BaseModel):
     devices: str = Field(
         "auto", description="where the image model runs: `auto` (one worker process per "
-        "CUDA device; on a machine without CUDA, one CPU worker process), `inprocess` "
-        "(the pipeline in the server's process, on SPILLWAY_DEVICE), or a comma list of "
-        "worker processes, e.g. `cuda:0,cuda:1` or `cpu,cpu`")
+        "CUDA device but the one `vlm_devices=auto` takes; on a machine without CUDA, one "
+        "CPU worker process), `inprocess` (the pipeline in the server's process, on "
+        "SPILLWAY_DEVICE), or a comma list of worker processes, e.g. `cuda:0,cuda:1` or "
+        "`cpu,cpu`")
+    vlm_devices: str = Field(
+        "auto", description="where the vision-language model runs: `auto` (with two or "
+        "more CUDA devices, one worker process on the last one, which the image model then "
+        "leaves to it; with one CUDA device or none, one worker process beside the image "
+        "model's; in the server's process when `devices` is `inprocess`), `inprocess` (in "
+        "the server's process, on SPILLWAY_DEVICE), or a comma list of worker processes, "
+        "e.g. `cuda:1` or `cpu`")
     load_timeout_s: float = Field(600.0, gt=0, description="a worker not loaded by then "
                                   "is reported and left out")
     batch_timeout_s: float = Field(600.0, gt=0, description="a worker that neither answers "
                                    "a batch nor dies by then (hung) is stopped and restarted; "
                                    "its batch runs elsewhere")
+    restart_backoff_s: float = Field(1.0, gt=0, description="a worker whose start failed "
+                                     "is tried again after this, then twice as long each "
+                                     "time, at most a minute")
 
-    def worker_devices(self, cuda_count: int) -> list[str]:
-        """The worker processes to start ([] = the pipeline in this process)."""
-        spec = self.devices.strip().lower()
-        if spec == "inprocess":
-            return []
-        if spec == "auto":
-            # Measured (README): one CPU worker process serves as fast as the pipeline in
-            # the server's process, and leaves the HTTP side a third of the CPU per image.
-            return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
-        devices = [d.strip() for d in spec.split(",") if d.strip()]
-        for d in devices:
-            if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:")
-                                                   and d[5:].isdecimal())):
-                raise ValueError(f"engine.devices: {d!r} is not cpu, cuda or cuda:N")
-            index = int(d[5:]) if d.startswith("cuda:") else 0
-            if d.startswith("cuda") and index >= cuda_count:
-                raise ValueError(f"engine.devices: {d!r}, but this machine has "
-                                 f"{cuda_count} CUDA devices")
-        return devices
+    def worker_devices(self, cuda_count: int, vlm: bool = True) -> list[str]:
+        """The image model's worker processes ([] = the pipeline in this process); ``vlm``:
+        the VLM is served too (with ``vlm_devices=auto`` it may take a GPU)."""
+        return self.plan(cuda_count, vlm)[0]
+
+    def vlm_worker_devices(self, cuda_count: int) -> list[str]:
+        """The VLM's worker processes ([] = the model in this process)."""
+        return self.plan(cuda_count)[1]
+
+    def plan(self, cuda_count: int, vlm: bool = True) -> tuple[list[str], list[str]]:
+        """(image worker devices, VLM worker devices); [] is the server's process."""
+        images, chat = self.devices.strip().lower(), self.vlm_devices.strip().lower()
+        cudas = [f"cuda:{i}" for i in range(cuda_count)]
+        named_images = _device_list("devices", images, cuda_count)
+        named_chat = _device_list("vlm_devices", chat, cuda_count)
+        # The VLM's auto: its own GPU when one is free of the image model, else beside it.
+        if not vlm or chat == "inprocess" or (chat == "auto" and images == "inprocess"):
+            chat_devices: list[str] = []
+        elif named_chat is not None:
+            chat_devices = named_chat
+        elif named_images is not None:
+            free = [d for d in cudas if d not in {_canonical(x) for x in named_images}]
+            chat_devices = [free[-1]] if free else [named_images[-1]]
+        else:
+            chat_devices = [cudas[-1]] if cudas else ["cpu"]
+        if images == "inprocess":
+            return [], chat_devices
+        if named_images is not None:
+            return named_images, chat_devices
+        # Measured (README): one CPU worker process serves as fast as the pipeline in the
+        # server's process, and leaves the HTTP side a third of the CPU per image.
+        left = [d for d in cudas if d not in {_canonical(x) for x in chat_devices}]
+        return left or cudas or ["cpu"], chat_devices
+
+
+def _canonical(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def _device_list(field: str, spec: str, cuda_count: int) -> list[str] | None:
+    """A comma list of devices, checked against this machine; None for auto/inprocess."""
+    if spec in ("auto", "inprocess"):
+        return None
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise ValueError(f"engine.{field}: {spec!r} names no device")
+    for d in devices:
+        if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdecimal())):
+            raise ValueError(f"engine.{field}: {d!r} is not cpu, cuda or cuda:N")
+        index = int(d[5:]) if d.startswith("cuda:") else 0
+        if d.startswith("cuda") and index >= cuda_count:
+            raise ValueError(f"engine.{field}: {d!r}, but this machine has "
+                             f"{cuda_count} CUDA devices")
+    return devices
 
 
 class ImageSettings(BaseModel):

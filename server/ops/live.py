@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from server.providers.local.chat import LocalChat
-from server.providers.local.engine import EngineProcess
+from server.providers.local.engine import EngineWorker
 from server.providers.local.images import LocalImages
 from server.routing.dispatch import Dispatcher
 
@@ -19,7 +19,7 @@ Status = Literal["ready", "loading", "failed"]
 
 @dataclass(frozen=True)
 class Worker:
-    """One engine worker process of a local model."""
+    """One engine worker process of a local model (the image model's or the VLM's)."""
 
     name: str
     device: str
@@ -70,14 +70,14 @@ class Live:
         return self.status == "ready"
 
 
-def worker_view(w: EngineProcess) -> Worker:
+def worker_view(w: EngineWorker) -> Worker:
     return Worker(w.name, w.spec.device, w.state, w.pid, w.batches, w.items,
                   w.items / w.busy_s if w.busy_s > 0 else None, w.restarts, w.load_error)
 
 
 def local_model(kind: str, local: LocalImages | LocalChat) -> LocalModel:
     batcher = local.batcher
-    workers = local.workers if isinstance(local, LocalImages) else []
+    workers: list[EngineWorker] = list(local.workers)
     snap = batcher.snapshot()
     return LocalModel(model=local.model_id, kind=kind, queued=snap.queued,
                       running=snap.running, max_queue=batcher.policy.max_queue,

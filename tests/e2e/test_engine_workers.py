@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,22 +159,44 @@ def test_a_hung_worker_is_stopped_and_its_batch_runs_elsewhere(tiny_weights: Pat
         wait_for(lambda: victim.ready and victim.restarts == 1, timeout=120)
 
 
-def test_a_worker_that_cannot_load_says_why_and_the_others_serve(tiny_weights: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_worker_that_cannot_load_says_why_the_others_serve_and_it_comes_back_later(
+        tiny_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It is tried again after 0.5, 1, 2 ... s (a doubling backoff, never a loop of doomed
+    starts): once its folder is there (renamed into place), it loads and takes work."""
     s = settings(tiny_weights, "cpu")
+    later = tmp_path / "sdxl-later"
     good = EngineProcess(EngineSpec(str(tiny_weights / "sdxl-turbo-tiny"), None, "cpu"), "good")
-    bad = EngineProcess(EngineSpec(str(tmp_path / "no-such-folder"), None, "cpu"), "bad")
+    bad = EngineProcess(EngineSpec(str(later), None, "cpu"), "bad", retry_base_s=0.5)
     with pytest.raises(RuntimeError) as exc:
         bad.start()
-    assert "bad could not load" in str(exc.value) and "no-such-folder" in str(exc.value)
+    assert "bad could not load" in str(exc.value) and "sdxl-later" in str(exc.value)
     assert bad.state == "failed" and bad.pid is None and bad.load_error
     assert "\n" not in bad.load_error
     good.start()
     local = LocalImages("sdxl-turbo", _weights(tiny_weights), None,
                         _policy(s), 60.0, workers=[good, bad])
+    caplog.set_level(logging.ERROR, logger="server.providers.local.engine")
     with serve(create_app(s, loader=lambda _: local, chat_loader=None)) as base:
         assert gen(base, "still served", seed=1, n=3).status_code == 200
-    assert good.pid is None
+        wait_for(lambda: bad.restarts >= 2 and bad.state == "failed", timeout=120)
+        said = [r.getMessage() for r in caplog.records if "bad could not load" in r.getMessage()]
+        assert [m.rpartition("tried again in ")[2] for m in said[:2]] == ["1 s)", "2 s)"]
+        shutil.copytree(tiny_weights / "sdxl-turbo-tiny", tmp_path / "staging")
+        (tmp_path / "staging").rename(later)
+        wait_for(lambda: bad.ready, timeout=120)
+        models = httpx.get(f"{base}/v1/models").json()["data"][0]["spillway"]
+        assert [w["state"] for w in models["workers"]] == ["ready", "ready"]
+        for round_ in range(10):  # it takes work: some batch goes to it
+            asks = [threading.Thread(target=gen, args=(base, "both", round_ * 4 + i, 4))
+                    for i in range(4)]
+            for t in asks:
+                t.start()
+            for t in asks:
+                t.join(120)
+            if bad.items:
+                break
+        assert bad.items > 0
+    assert good.pid is None and bad.pid is None
 
 
 def _weights(tiny_weights: Path) -> Any:

@@ -1,11 +1,12 @@
-"""The local vision-language model: its batcher, and streaming from the device thread."""
+"""The local vision-language model: its batcher, and streaming from the device thread (in
+this process) or from the VLM engine workers (server/providers/local/engine.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from server.providers.local.batcher import (
     from_batch_failure,
     timing_of,
 )
+from server.providers.local.engine import ChatProcess
 
 
 @dataclass(frozen=True)
@@ -31,24 +33,32 @@ class StreamEvent:
 
 
 class LocalChat:
+    """Chat jobs on the local VLM behind one batcher: ``generate`` in this process (on the
+    batcher's thread), or ``workers``, VLM engine worker processes, one batcher thread
+    each. ``count_tokens`` needs only the processor (the server admits by it)."""
+
     def __init__(self, model_id: str, weights: WeightsInfo,
-                 generate: Callable[[list[ChatItem]], list[ChatResult]],
+                 generate: Callable[[list[ChatItem]], list[ChatResult]] | None,
                  count_tokens: Callable[[ChatItem], int], context_length: int,
-                 policy: BatchPolicy, timeout_s: float, description: str = "") -> None:
+                 policy: BatchPolicy, timeout_s: float, description: str = "", *,
+                 workers: Sequence[ChatProcess] = ()) -> None:
         self.model_id = model_id
         self.weights = weights
         self.description = description
         self.count_tokens = count_tokens
         self.context_length = context_length
         self.timeout_s = timeout_s
-        self.batcher: Batcher[ChatItem, ChatResult] = Batcher(model_id, generate, policy,
-                                                              default_item_s=1.0)
+        self.workers = list(workers)
+        self.batcher: Batcher[ChatItem, ChatResult] = Batcher(
+            model_id, generate, policy, default_item_s=1.0, runners=self.workers)
 
     def start(self) -> None:
         self.batcher.start()
 
     def close(self) -> None:
-        self.batcher.close()
+        self.batcher.close()  # in-flight batches finish first
+        for worker in self.workers:
+            worker.close()
 
     def _submit(self, item: ChatItem, bulk: bool = False
                 ) -> tuple[asyncio.Future[ChatResult], concurrent.futures.Future[ChatResult]]:

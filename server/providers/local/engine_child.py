@@ -1,6 +1,8 @@
-"""The engine worker's side: a child process that owns one device. It loads its
-pipeline, runs the batches it is handed, encodes the outputs itself, and answers with
-bytes and timings (server/providers/local/work.py says what crosses).
+"""The engine worker's side: a child process that owns one device. It loads its model
+(``EngineSpec.kind``: the SDXL pipeline, or the vision-language model), runs the batches
+it is handed and answers with bytes, text and timings (server/providers/local/work.py says
+what crosses). An image worker encodes its outputs itself; a VLM worker sends each
+streaming row's text as it is produced, and stops a row whose client has gone.
 
 The parent starts it with ``CUDA_VISIBLE_DEVICES`` naming its one GPU, so inside the
 worker that GPU is ``cuda:0`` and no other device is ever touched.
@@ -10,12 +12,31 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Literal
 
-from server.providers.local.work import Failed, Loaded, Ran, RunBatch, Stop
+from server.providers.local.work import (
+    Answered,
+    Cancel,
+    Failed,
+    Loaded,
+    Message,
+    Ran,
+    RunBatch,
+    RunChat,
+    Stop,
+    Text,
+)
+
+if TYPE_CHECKING:
+    from pipelines.sdxl_turbo import SDXLTurbo
+    from pipelines.vlm import VisionLanguageModel
 
 log = logging.getLogger("spillway.engine")
 
@@ -33,6 +54,7 @@ class EngineSpec:
     min_side: int = 256
     max_side: int = 1024
     torch_threads: int = 1
+    kind: Literal["sdxl", "vlm"] = "sdxl"  # the image pipeline, or the vision-language model
 
 
 def _one_line(exc: BaseException) -> str:
@@ -48,6 +70,106 @@ def _cuda_poisoned(exc: BaseException) -> bool:
     return "CUDA error" in text or "device-side assert" in text or "illegal memory" in text
 
 
+class _Inbox:
+    """The pipe, read on a thread of its own: a ``Cancel`` reaches its row while the batch
+    runs on the main thread; everything else queues for the main loop, in order. When the
+    server is gone (its end closed, or a new parent after kill -9) the running rows stop
+    and the main loop is told to ``Stop``."""
+
+    def __init__(self, conn: Connection, parent_pid: int) -> None:
+        self.queue: queue.Queue[object] = queue.Queue()
+        self._conn = conn
+        self._parent_pid = parent_pid
+        self._lock = threading.Lock()
+        self._batch: int | None = None
+        self._cancels: list[threading.Event] = []
+        threading.Thread(target=self._read, daemon=True, name="engine-inbox").start()
+
+    def running(self, batch: int | None, cancels: list[threading.Event]) -> None:
+        with self._lock:
+            self._batch, self._cancels = batch, cancels
+
+    def _read(self) -> None:
+        while True:
+            try:
+                if not self._conn.poll(POLL_S):
+                    if os.getppid() != self._parent_pid:
+                        break
+                    continue
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(msg, Cancel):
+                with self._lock:  # a Cancel for a batch already answered changes nothing
+                    if msg.batch == self._batch and 0 <= msg.row < len(self._cancels):
+                        self._cancels[msg.row].set()
+                continue
+            self.queue.put(msg)
+        with self._lock:
+            for cancel in self._cancels:
+                cancel.set()
+        self.queue.put(Stop())
+
+
+class _Images:
+    def __init__(self, spec: EngineSpec, device: str) -> None:
+        import torch
+
+        from pipelines.sdxl_turbo import Limits, SDXLTurbo
+
+        self.engine: SDXLTurbo = SDXLTurbo.load(
+            spec.folder, torch.device(device), variant=spec.variant, xformers=spec.xformers,
+            limits=Limits(min_side=spec.min_side, max_side=spec.max_side))
+        dtype = str(self.engine.pipe.dtype).removeprefix("torch.")
+        self.description = f"{spec.device}, {dtype}, {self.engine.attention}"
+
+    def run(self, msg: RunBatch) -> Ran:
+        from server.providers.local.work import encode_all
+
+        works = [w.work() for w in msg.items]
+        started = time.perf_counter()
+        images = encode_all(self.engine.run([w.item for w in works]), works)
+        return Ran(images, time.perf_counter() - started)
+
+
+class _Chat:
+    def __init__(self, spec: EngineSpec, device: str) -> None:
+        import torch
+
+        from pipelines.vlm import VisionLanguageModel
+
+        self.model: VisionLanguageModel = VisionLanguageModel.load(spec.folder,
+                                                                   torch.device(device))
+        self.description = f"{spec.device}, {str(self.model.model.dtype).removeprefix('torch.')}"
+
+    def run(self, msg: RunChat, conn: Connection, inbox: _Inbox) -> Answered:
+        cancels = [threading.Event() for _ in msg.items]
+
+        def streamer(row: int) -> Callable[[str], None]:
+            def on_text(piece: str) -> None:
+                _send(conn, Text(row, piece))
+
+            return on_text
+
+        items = [w.item(streamer(row), cancels[row]) for row, w in enumerate(msg.items)]
+        started = time.perf_counter()
+        inbox.running(msg.batch, cancels)
+        try:
+            results = self.model.generate(items)
+        finally:
+            inbox.running(None, [])
+        return Answered(results, time.perf_counter() - started)
+
+
+def _send(conn: Connection, msg: Message) -> bool:
+    """False when the server is gone (the inbox sees it too, and stops the loop)."""
+    try:
+        conn.send(msg)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def main(conn: Connection, spec: EngineSpec, parent_pid: int) -> None:
     # The server decides when its workers stop: Ctrl-C and SIGTERM go to the server,
     # which lets in-flight batches finish and then sends Stop.
@@ -57,41 +179,30 @@ def main(conn: Connection, spec: EngineSpec, parent_pid: int) -> None:
     try:
         import torch
 
-        from pipelines.sdxl_turbo import Limits, SDXLTurbo
-        from server.providers.local.work import encode_all
-
         if device == "cpu":
             torch.set_num_threads(max(1, spec.torch_threads))
-        engine = SDXLTurbo.load(spec.folder, torch.device(device), variant=spec.variant,
-                                xformers=spec.xformers,
-                                limits=Limits(min_side=spec.min_side, max_side=spec.max_side))
+        engine = _Chat(spec, device) if spec.kind == "vlm" else _Images(spec, device)
     except BaseException as exc:  # noqa: BLE001 - told to the parent in one sentence
-        conn.send(Failed(_one_line(exc), fatal=True))
+        _send(conn, Failed(_one_line(exc), fatal=True))
         return
-    dtype = str(engine.pipe.dtype).removeprefix("torch.")
-    conn.send(Loaded(f"{spec.device}, {dtype}, {engine.attention}, pid {os.getpid()}"))
+    if not _send(conn, Loaded(f"{engine.description}, pid {os.getpid()}")):
+        return
+    inbox = _Inbox(conn, parent_pid)
     while True:
-        try:
-            if not conn.poll(POLL_S):
-                if os.getppid() != parent_pid:  # the server is gone (even by kill -9)
-                    return
-                continue
-            msg = conn.recv()
-        except (EOFError, OSError):  # the server closed its end: nobody to answer
-            return
+        msg = inbox.queue.get()
         if isinstance(msg, Stop):
             return
-        if not isinstance(msg, RunBatch):
-            continue
-        works = [w.work() for w in msg.items]
-        started = time.perf_counter()
         try:
-            images = encode_all(engine.run([w.item for w in works]), works)
+            if isinstance(msg, RunBatch) and isinstance(engine, _Images):
+                reply: Message = engine.run(msg)
+            elif isinstance(msg, RunChat) and isinstance(engine, _Chat):
+                reply = engine.run(msg, conn, inbox)
+            else:
+                continue
         except Exception as exc:  # noqa: BLE001 - the batch's requests get it
             fatal = _cuda_poisoned(exc)
-            conn.send(Failed(_one_line(exc), fatal=fatal))
+            _send(conn, Failed(_one_line(exc), fatal=fatal))
             if fatal:
                 return
             continue
-        conn.send(Ran(images, time.perf_counter() - started))
-
+        _send(conn, reply)

@@ -12,11 +12,11 @@ import torch
 from pipelines.base import pick_device
 from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
 from pipelines.sdxl_turbo import Limits, SDXLTurbo
-from pipelines.vlm import VisionLanguageModel
+from pipelines.vlm import Prompts, VisionLanguageModel
 from server.config import Settings
 from server.providers.local.batcher import BatchPolicy
 from server.providers.local.chat import LocalChat
-from server.providers.local.engine import EngineProcess
+from server.providers.local.engine import ChatProcess, EngineProcess, EngineWorker
 from server.providers.local.engine_child import EngineSpec
 from server.providers.local.images import LocalImages
 
@@ -60,9 +60,12 @@ def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
 
 def load_local_images(settings: Settings) -> LocalImages:
     """The image model where ``engine.devices`` says: worker processes, or this process."""
-    devices = settings.engine.worker_devices(torch.cuda.device_count())
+    cudas = torch.cuda.device_count()
+    devices = settings.engine.worker_devices(cudas, vlm=settings.vlm.enabled)
     if devices:
-        return start_workers(settings, devices)
+        vlm_cpus = sum(1 for d in settings.engine.vlm_worker_devices(cudas) if d == "cpu") \
+            if settings.vlm.enabled else 0
+        return start_workers(settings, devices, other_cpu_workers=vlm_cpus)
     engine, weights = load_engine(settings)
     description = f"{engine.device.type}, {str(engine.pipe.dtype).removeprefix('torch.')}, " \
                   f"{engine.attention}"
@@ -70,24 +73,65 @@ def load_local_images(settings: Settings) -> LocalImages:
                        settings.batch.default_timeout_s, description)
 
 
-def load_vlm(settings: Settings) -> tuple[VisionLanguageModel, WeightsInfo]:
+def vlm_weights(settings: Settings) -> WeightsInfo:
     weights = best_weights(settings.weights_dir, VLM)
     if weights is None:
         raise FileNotFoundError(
             f"no vision-language weights under {settings.weights_dir.resolve()}: run "
             "`spillway weights tiny` (built-in default) or `spillway weights fetch qwen3-vl-4b`")
+    return weights
+
+
+def load_vlm(settings: Settings) -> tuple[VisionLanguageModel, WeightsInfo]:
+    weights = vlm_weights(settings)
     return VisionLanguageModel.load(weights.path, _device(settings)), weights
 
 
-def load_local_chat(settings: Settings) -> LocalChat:
-    model, weights = load_vlm(settings)
+def vlm_policy(settings: Settings) -> BatchPolicy:
     v = settings.vlm
-    policy = BatchPolicy(max_batch=v.max_batch, max_batch_pixels=2**62,
-                         max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
+    return BatchPolicy(max_batch=v.max_batch, max_batch_pixels=2**62,
+                       max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
+
+
+def load_local_chat(settings: Settings) -> LocalChat:
+    """The VLM where ``engine.vlm_devices`` says: worker processes, or this process."""
+    cudas = torch.cuda.device_count()
+    devices = settings.engine.vlm_worker_devices(cudas)
+    if devices:
+        images = settings.engine.worker_devices(cudas)
+        return start_chat_workers(settings, devices,
+                                  other_cpu_workers=sum(1 for d in images if d == "cpu"))
+    model, weights = load_vlm(settings)
     description = f"{model.device.type}, {str(model.model.dtype).removeprefix('torch.')}"
     return LocalChat(VLM.model_id, weights, model.generate,
                      lambda item: model.count_prompt_tokens(item.messages, item.images),
-                     model.context_length, policy, v.timeout_s, description)
+                     model.context_length, vlm_policy(settings), settings.vlm.timeout_s,
+                     description)
+
+
+def start_chat_workers(settings: Settings, devices: list[str], *,
+                       other_cpu_workers: int = 0) -> LocalChat:
+    """One VLM worker process per device. The server keeps only the processor (chat
+    template, tokenizer, image placeholders: no weights, no torch model) to count prompt
+    tokens before admission."""
+    weights = vlm_weights(settings)
+    prompts = Prompts.load(weights.path)
+    threads = worker_threads(settings, sum(1 for d in devices if d == "cpu") + other_cpu_workers)
+    workers = [ChatProcess(EngineSpec(str(weights.path), None, device,
+                                      torch_threads=threads, kind="vlm"),
+                           f"vlm-{device}-{i}", **_timeouts(settings))
+               for i, device in enumerate(devices)]
+    description = _start_all(workers)
+    return LocalChat(VLM.model_id, weights, None,
+                     lambda item: prompts.count_prompt_tokens(item.messages, item.images),
+                     prompts.context_length, vlm_policy(settings), settings.vlm.timeout_s,
+                     description, workers=workers)
+
+
+def _timeouts(settings: Settings) -> dict[str, float]:
+    e = settings.engine
+    return {"load_timeout_s": e.load_timeout_s, "batch_timeout_s": e.batch_timeout_s,
+            "retry_base_s": e.restart_backoff_s}
 
 
 def worker_threads(settings: Settings, workers: int) -> int:
@@ -97,33 +141,39 @@ def worker_threads(settings: Settings, workers: int) -> int:
     return max(1, ((os.cpu_count() or 2) - 1) // max(1, workers))
 
 
-def start_workers(settings: Settings, devices: list[str]) -> LocalImages:
+def start_workers(settings: Settings, devices: list[str], *,
+                  other_cpu_workers: int = 0) -> LocalImages:
     """One engine worker process per device, loaded side by side. One that cannot load is
-    reported in one sentence and left out; the others serve. None loaded: an error."""
+    reported in one sentence and left out (tried again later, with backoff); the others
+    serve. None loaded: an error. ``other_cpu_workers``: the VLM's, sharing the cores."""
     weights = resolve_weights(settings)
-    cpus = sum(1 for d in devices if d == "cpu")
+    threads = worker_threads(settings, sum(1 for d in devices if d == "cpu") + other_cpu_workers)
     workers = [EngineProcess(EngineSpec(str(weights.path), weights.variant, device,
                                         settings.xformers, settings.images.min_side,
-                                        settings.images.max_side,
-                                        worker_threads(settings, cpus)),
-                             f"sdxl-{device}-{i}", load_timeout_s=settings.engine.load_timeout_s,
-                             batch_timeout_s=settings.engine.batch_timeout_s)
+                                        settings.images.max_side, threads),
+                             f"sdxl-{device}-{i}", **_timeouts(settings))
                for i, device in enumerate(devices)]
-    with ThreadPoolExecutor(len(workers)) as pool:
-        outcomes = list(pool.map(_try_start, workers))
-    failed = [why for why in outcomes if why is not None]
-    for why in failed:
-        log.error("%s", why)
-    if len(failed) == len(workers):
-        raise RuntimeError(f"no engine worker loaded: {failed[0]}")
-    loaded = [w for w in workers if w.ready]
-    description = f"{len(loaded)} of {len(workers)} workers: " + "; ".join(
-        w.description for w in loaded)
+    description = _start_all(workers)
     return LocalImages(MODEL_ID, weights, None, batch_policy(settings),
                        settings.batch.default_timeout_s, description, workers=workers)
 
 
-def _try_start(worker: EngineProcess) -> str | None:
+def _start_all(workers: list[EngineProcess] | list[ChatProcess]) -> str:
+    """Start side by side; say in one sentence why one could not load; None loaded: raise."""
+    with ThreadPoolExecutor(len(workers)) as pool:
+        outcomes = list(pool.map(_try_start, workers))
+    failed = [why for why in outcomes if why is not None]
+    if len(failed) == len(workers):
+        raise RuntimeError(f"no engine worker loaded: {failed[0]}")
+    for why, w in zip(outcomes, workers, strict=True):
+        if why is not None:
+            log.error("%s (tried again in %g s)", why, w.retry_in_s)
+    loaded = [w for w in workers if w.ready]
+    return f"{len(loaded)} of {len(workers)} workers: " + "; ".join(
+        w.description for w in loaded)
+
+
+def _try_start(worker: EngineWorker) -> str | None:
     try:
         worker.start()
     except Exception as exc:  # noqa: BLE001 - said in one sentence, the others serve

@@ -1,15 +1,19 @@
-"""What crosses to an engine worker and back: one image to make and how to encode it, as
-primitives and bytes (no PIL objects, no tensors), so the worker can be a thread, a child
-process, or later a replica on another machine."""
+"""What crosses to an engine worker and back, as primitives and bytes (no PIL objects, no
+tensors), so the worker can be a thread, a child process, or later a replica on another
+machine: an image to make and how to encode it; a conversation to answer, the text it
+streams as it is produced, and a row to stop."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 from pipelines.base import ImageItem
+from pipelines.vlm import ChatItem, ChatResult
 from server.media.encode import encode_image
 
 
@@ -69,6 +73,65 @@ class RunBatch:
 
 
 @dataclass(frozen=True)
+class WireChat:
+    """One conversation: its messages (JSON-able dicts, images as ``{"type": "image"}``
+    parts), its images as raw RGB with their sizes (the intake decoded and fitted them),
+    sampling, and whether its text is wanted as it comes."""
+
+    messages: list[dict[str, Any]]
+    sizes: list[tuple[int, int]]
+    images_rgb: list[bytes] = field(repr=False)
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+
+    @staticmethod
+    def of(item: ChatItem) -> WireChat:
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in item.images]
+        return WireChat(item.messages, [im.size for im in images],
+                        [im.tobytes() for im in images], item.max_tokens, item.temperature,
+                        item.top_p, tuple(item.stop), item.seed, item.on_text is not None)
+
+    def item(self, on_text: Callable[[str], None] | None,
+             cancel: threading.Event) -> ChatItem:
+        images = [Image.frombytes("RGB", size, raw)
+                  for size, raw in zip(self.sizes, self.images_rgb, strict=True)]
+        return ChatItem(self.messages, images, self.max_tokens, self.temperature, self.top_p,
+                        self.stop, self.seed, on_text if self.stream else None, cancel)
+
+
+@dataclass(frozen=True)
+class RunChat:
+    batch: int  # the parent's number for it: a late Cancel never reaches the next batch
+    items: list[WireChat]
+
+
+@dataclass(frozen=True)
+class Text:
+    """A streaming row's next piece of text, sent while its batch runs."""
+
+    row: int
+    piece: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The row's client has gone: the worker stops that row at its next token."""
+
+    batch: int
+    row: int
+
+
+@dataclass(frozen=True)
+class Answered:
+    results: list[ChatResult]  # a frozen dataclass of text and counts, one per row
+    device_s: float
+
+
+@dataclass(frozen=True)
 class Ran:
     images: list[bytes]  # encoded, one per item
     device_s: float  # pipeline and encoding, as the worker timed them
@@ -90,7 +153,7 @@ class Stop:
     pass
 
 
-Message = RunBatch | Ran | Failed | Loaded | Stop
+Message = RunBatch | RunChat | Cancel | Ran | Answered | Text | Failed | Loaded | Stop
 
 
 def encode_all(images: list[Image.Image], works: list[ImageWork]) -> list[bytes]:
