@@ -5,20 +5,28 @@
 The local engine is the served one (the tiny model unless real weights are present);
 OpenAI and Gemini are the loopback fakes from tests/fakes answering in ~2 s, with roomy
 rate limits and budgets (the bench measures the router, not the tier-1 limits). Arrivals
-are Poisson, independent of completions (open loop), each with a 1 s deadline header.
+are Poisson, independent of completions (open loop), each with a deadline header
+(``x-spillway-max-wait-ms``, 1 s unless told). ``late`` is the share of the jobs kept
+local that the client got after their deadline (client-side latency, HTTP included):
+with spilling on it says whether the router's estimate holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import multiprocessing
 import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import uvicorn
 from pydantic import SecretStr
@@ -51,7 +59,7 @@ async def _open_loop(port: int, rate: float, seconds: float, body: dict[str, obj
     out: list[Outcome] = []
     headers = {"x-spillway-max-wait-ms": str(deadline_ms)}
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
                                  limits=limits) as http:
 
         async def one() -> None:
@@ -88,13 +96,56 @@ def _client(*args: object) -> list[Outcome]:
     return asyncio.run(_open_loop(*args))  # type: ignore[arg-type]
 
 
+class _ServerSide(logging.Handler):
+    """The server's own latency of each image request, from its access-log lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.loads(record.getMessage())
+        except ValueError:
+            return
+        if line.get("path") == "/v1/images/generations":
+            self.lines.append(line)
+
+
+def _fakes_main(conn: Connection, latency_s: float) -> None:
+    with running_fake_openai() as oa, running_fake_gemini() as gm:
+        oa.latency_s = gm.latency_s = latency_s
+        conn.send((oa.url, gm.url))
+        conn.recv()  # until the bench is done
+
+
+@contextmanager
+def _fake_clouds(latency_s: float) -> Iterator[tuple[str, str]]:
+    """The loopback fakes in a process of their own: the images they make and encode
+    must not take the server's CPU (or GIL) from it."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_fakes_main, args=(theirs, latency_s), daemon=True)
+    proc.start()
+    try:
+        yield ours.recv()
+    finally:
+        ours.send("stop")
+        proc.join(15)
+
+
 def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[str, object],
-                    deadline_ms: float, closed: bool = False) -> list[Outcome]:
+                    deadline_ms: float, closed: bool = False,
+                    server_side: _ServerSide | None = None) -> list[Outcome]:
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, chat_loader=None),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    access = logging.getLogger("spillway.access")
+    if server_side is not None:
+        access.addHandler(server_side)
+        access.setLevel(logging.INFO)
     import httpx
 
     while True:
@@ -110,6 +161,8 @@ def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[
     finally:
         server.should_exit = True
         thread.join()
+        if server_side is not None:
+            access.removeHandler(server_side)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -128,15 +181,15 @@ def main() -> None:
     body: dict[str, object] = {"prompt": "a red bicycle", "size": args.size}
     roomy = {m: RateLimit(per_minute=100_000, burst=100_000) for m in
              ("gpt-image-1", "gemini-2.5-flash-image")}
-    with running_fake_openai() as oa, running_fake_gemini() as gm:
-        oa.latency_s = gm.latency_s = args.upstream_latency_s
+    with _fake_clouds(args.upstream_latency_s) as (openai_url, gemini_url):
 
         def settings(spill: bool) -> Settings:
             return Settings(
                 ledger_url="sqlite://",
                 openai=OpenAISettings(api_key=SecretStr("sk-bench-000000000000"),
-                                      base_url=f"{oa.url}/v1"),
-                gemini=GeminiSettings(api_key=SecretStr("bench-gemini-key"), base_url=gm.url),
+                                      base_url=f"{openai_url}/v1"),
+                gemini=GeminiSettings(api_key=SecretStr("bench-gemini-key"),
+                                      base_url=gemini_url),
                 router=RouterSettings(spill=spill, rate_limits=roomy,
                                       daily_budget_usd={"total": 1e9}))
 
@@ -149,20 +202,27 @@ def main() -> None:
               f"{args.upstream_latency_s:g} s")
         rows = []
         for label, spill in (("spill on", True), ("spill off", False)):
+            seen = _ServerSide()
             outcomes = _serve_and_load(settings(spill), rate, args.seconds, body,
-                                       args.deadline_ms)
+                                       args.deadline_ms, server_side=seen)
             ok = [o for o in outcomes if o.status == 200]
             routes = Counter(o.route for o in ok)
             spilled = sum(n for r, n in routes.items() if r not in ("local", "-"))
+            local = [o for o in ok if o.route == "local"]
+            late = sum(o.latency_s * 1000 > args.deadline_ms for o in local) / max(1, len(local))
+            served_here = [float(str(line["latency_ms"])) for line in seen.lines
+                           if line.get("route") == "local" and line.get("status") == 200]
+            late_server = sum(ms > args.deadline_ms for ms in served_here) / max(
+                1, len(served_here))
             rows.append((label, len(outcomes), len(ok), _pct([o.latency_s for o in ok], 0.5),
                          _pct([o.latency_s for o in ok], 0.95),
                          spilled / max(1, len(ok)), sum(o.cost for o in ok),
-                         len(outcomes) - len(ok)))
+                         len(outcomes) - len(ok), len(local), late, late_server))
         print(f"{'mode':<10}{'sent':>7}{'ok':>7}{'p50 ms':>9}{'p95 ms':>9}{'spilled':>9}"
-              f"{'cost $':>9}{'refused':>9}")
-        for label, sent, ok_n, p50, p95, share, cost, refused in rows:
+              f"{'cost $':>9}{'refused':>9}{'local':>7}{'late':>7}{'late@srv':>10}")
+        for label, sent, ok_n, p50, p95, share, cost, refused, n_local, late, srv in rows:
             print(f"{label:<10}{sent:>7}{ok_n:>7}{p50:>9.0f}{p95:>9.0f}{share:>9.0%}"
-                  f"{cost:>9.2f}{refused:>9}")
+                  f"{cost:>9.2f}{refused:>9}{n_local:>7}{late:>7.1%}{srv:>10.1%}")
         on, off = rows
         print(f"p50 latency spill on / off: {on[3] / max(off[3], 1):.2f}x; "
               f"requests refused: {on[7]} vs {off[7]}")

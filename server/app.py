@@ -92,6 +92,14 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
             return
         local.batcher.on_batch = state.metrics.observe_batch
         local.start()
+        if isinstance(local, LocalImages) and settings.batch.warmup:
+            width, _, height = settings.images.default_size.partition("x")
+            try:
+                await asyncio.to_thread(local.warm_up, int(width), int(height),
+                                        settings.images.default_steps)
+            except Exception as exc:  # noqa: BLE001 - it serves anyway, on the prior
+                log.warning("%s: warm-up failed (%s); estimates start from the prior",
+                            local.model_id, exc)
         dispatcher = state.require_dispatcher()
         if isinstance(local, LocalImages):
             state.images = dispatcher.images_local = local

@@ -23,6 +23,9 @@ class BatchSettings(BaseModel):
     # at least one full request (n <= 10), or some requests could never be admitted
     max_queue: int = Field(256, ge=10, description="items waiting, beyond which requests get 429")
     default_timeout_s: float = Field(120.0, gt=0, description="an item not started by then expires")
+    warmup: bool = Field(True, description="before /readyz turns 200 the image model runs a "
+                         "batch of 1 and one of 4 at the default size, so the first deadline "
+                         "estimates are measured, not guessed")
 
 
 class EngineSettings(BaseModel):

@@ -33,6 +33,8 @@ def _engine_in_process() -> None:
     real default): a worker process per server would cost the suite minutes of loading,
     and what the API tests check does not depend on where the pixels are made."""
     os.environ.setdefault("SPILLWAY_ENGINE__DEVICES", "inprocess")
+    # Nor a warm-up per server (a second or so each); tests of the estimates turn it on.
+    os.environ.setdefault("SPILLWAY_BATCH__WARMUP", "false")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
@@ -81,18 +82,23 @@ def caller_of(request: Request) -> Caller:
 
 # -- the request ------------------------------------------------------------------------
 def deadline_s(request: Request, state: AppState) -> float:
-    """The client's ``x-spillway-max-wait-ms``, else the configured default."""
+    """What is left now of the client's ``x-spillway-max-wait-ms`` (else the configured
+    default), counted from the request's arrival: time spent reading and checking it
+    is time the job no longer has."""
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is None:
-        return state.settings.router.default_deadline_ms / 1000
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 86_400_000:
-        raise bad_request(f"{DEADLINE_HEADER} must be milliseconds between 0 and 86400000.",
-                          param=DEADLINE_HEADER)
-    return value / 1000
+        value = state.settings.router.default_deadline_ms
+    else:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 86_400_000:
+            raise bad_request(f"{DEADLINE_HEADER} must be milliseconds between 0 and "
+                              "86400000.", param=DEADLINE_HEADER)
+    arrived = getattr(request.state, "arrived", None)
+    spent = time.monotonic() - arrived if arrived is not None else 0.0
+    return max(0.0, value / 1000 - spent)
 
 
 async def json_body(request: Request) -> Any:

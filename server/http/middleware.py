@@ -123,6 +123,7 @@ class RequestContext:
         request_id = request_id_of(headers.get(b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
         end = _End(scope, request_id)
+        scope["state"]["arrived"] = end.started  # the client's deadline counts from here
         pace = BodyPace.of(scope)
         body_left = _has_body(headers)  # a body is coming and not all of it is here
         seen, last = 0, end.started

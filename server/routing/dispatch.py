@@ -25,7 +25,8 @@ from server.providers import pricing
 from server.providers.base import CloudProvider, ProviderError
 from server.providers.local.batcher import Timing
 from server.providers.local.chat import LocalChat, StreamEvent
-from server.providers.local.images import LocalImages
+from server.providers.local.estimate import Calibration
+from server.providers.local.images import LocalImages, LocalRun
 from server.providers.pricing import nearest_size
 from server.retry_after import retry_headers
 from server.routing.decide import CloudState, JobView, Policy, Route, Signals, decide
@@ -67,6 +68,11 @@ class Dispatcher:
         # and kept current by record(): no query on the request path.
         self._day = datetime.now(UTC).date()
         self._spent: dict[str, float] = ledger.spent_today_by_route() if ledger else {}
+        # What local image runs took beyond the batcher's estimate, from the decision to
+        # the result back on the event loop (the hops the batcher cannot see; large when
+        # the HTTP side is loaded): its p95 is added to the estimate a deadline is held to.
+        # (Chat answers are not: their length, unknown ahead, dominates their time.)
+        self._image_lag = Calibration()
 
     # -- signals --------------------------------------------------------------------
     def _spent_today(self) -> dict[str, float]:
@@ -95,8 +101,14 @@ class Dispatcher:
                     budget=budgets.get(name))
                 for name in CLOUDS}
 
+    def _learn_lag(self, decided: float | None, run: LocalRun) -> None:
+        """``decided``: when a job the router kept here was admitted. What the batcher
+        took it learns itself; this is the rest, up to the result back on the loop."""
+        if decided is not None:
+            self._image_lag.add(time.monotonic() - decided - run.done_s)
+
     def _signals(self, task: Task, asked: str | None, local: LocalImages | LocalChat | None,
-                 items: list[object], bulk: bool = False) -> Signals:
+                 items: list[object], bulk: bool = False, lag_s: float = 0.0) -> Signals:
         total = self.settings.router.daily_budget_usd.get("total")
         spent = sum(v for k, v in self._spent_today().items() if k != "local")
         clouds = self._cloud_states(task, asked)
@@ -106,7 +118,7 @@ class Dispatcher:
         batcher = local.batcher
         snap = batcher.snapshot()
         room = snap.queued + len(items) <= batcher.policy.max_queue
-        return Signals(True, batcher.estimated_wait(items, bulk=bulk),  # type: ignore[arg-type]
+        return Signals(True, batcher.estimated_wait(items, bulk=bulk) + lag_s,  # type: ignore[arg-type]
                        room,
                        batcher.estimated_wait([]), clouds,
                        None if total is None else total - spent)
@@ -185,8 +197,10 @@ class Dispatcher:
         local = self.images_local
         costs = {p: self._image_cost(p, job) for p in CLOUDS}
         view = JobView("image", job.model, job.quality, deadline_s, costs)
-        signals = self._signals("image", job.model, local, job.items(), bulk)  # type: ignore[arg-type]
+        lag = 0.0 if bulk else max(0.0, self._image_lag.margin_s())
+        signals = self._signals("image", job.model, local, job.items(), bulk, lag)  # type: ignore[arg-type]
         route = decide(view, signals, self._policy("image", bulk))
+        decided = time.monotonic() if route.where == "local" and not bulk else None
         default_cloud = self.settings.router.image_provider
         equivalent = costs.get(default_cloud, 0.0)
         if route.where in CLOUDS:
@@ -200,6 +214,7 @@ class Dispatcher:
         assert local is not None
         try:
             run = await local.generate(job, bulk=bulk)
+            self._learn_lag(decided, run)
         except APIError as exc:
             fallback = self._cloud_after_local_failure(exc, view, "image", job.model)
             if fallback is None:

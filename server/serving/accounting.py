@@ -131,6 +131,14 @@ class Accounting:
         self.quotas = quotas
         self.record = record
 
+    async def reserve_by(self, account: Account, ceiling_usd: float, deadline_s: float
+                         ) -> float:
+        """``reserve``, then what is left of ``deadline_s`` (the reservation's database
+        round trip is time the job no longer has)."""
+        started = time.monotonic()
+        await self.reserve(account, ceiling_usd)
+        return deadline_s - (time.monotonic() - started)
+
     async def reserve(self, account: Account, usd: float = 0.0) -> None:
         """Reserve the account's images and up to ``usd`` of its key's daily quota before
         the work runs, or raise 429 ``insufficient_quota`` (the account says so)."""

@@ -109,7 +109,8 @@ class ChatServing:
                   before_send: BeforeSend | None = None) -> tuple[ChatOutcome, Served]:
         """Reserve the quota, route and run a whole answer; the account learns what ran
         where, or how it failed (its owner closes it)."""
-        await self.accounting.reserve(account, self.dispatcher.cost_ceiling(job))
+        deadline_s = await self.accounting.reserve_by(account, self.dispatcher.cost_ceiling(job),
+                                                      deadline_s)
         return await served_by(account, self.dispatcher.chat(
             job, deadline_s, bulk=account.bulk, before_send=before_send))
 
@@ -120,7 +121,8 @@ class ChatServing:
         is sent (or the stream fails) for a local one."""
         headers = {"Cache-Control": "no-cache"}
         try:
-            await self.accounting.reserve(account, self.dispatcher.cost_ceiling(job))
+            deadline_s = await self.accounting.reserve_by(
+                account, self.dispatcher.cost_ceiling(job), deadline_s)
             ran = await self.dispatcher.stream_chat(job, deadline_s, bulk=account.bulk)
         except APIError as err:
             account.failed(err)

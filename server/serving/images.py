@@ -88,6 +88,7 @@ class ImageServing:
         """Reserve the quota, route and run; the account learns what ran where, or how it
         failed (its owner closes it)."""
         account.images = job.n
-        await self.accounting.reserve(account, self.dispatcher.cost_ceiling(job))
+        deadline_s = await self.accounting.reserve_by(account, self.dispatcher.cost_ceiling(job),
+                                                      deadline_s)
         return await served_by(account, self.dispatcher.images(
             job, deadline_s, bulk=account.bulk, before_send=before_send))

@@ -439,7 +439,7 @@ def test_a_full_queue_delays_items_but_does_not_fail_them(tiny_weights: Path,
                                                           tmp_path: Path) -> None:
     # 4 items of 4 images in flight against a local queue of 10: some meet a 429
     settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db",
-                        batch=BatchSettings(max_queue=10))
+                        batch=BatchSettings(max_queue=10, warmup=False))
     lines = [gen_line(f"q-{i}", f"crowded {i}", n=4) for i in range(8)]
     with serve(create_app(settings, chat_loader=None)) as base:
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)

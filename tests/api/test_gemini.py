@@ -418,7 +418,7 @@ def test_explicit_gemini_names_reach_gemini(tiny_weights: Path, tmp_path: Path) 
 def test_full_queue_is_resource_exhausted_with_retry_info(
         tiny_weights: Path, device: Device, weights: WeightsInfo, tmp_path: Path) -> None:
     settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db",
-                        batch=BatchSettings(max_queue=10))
+                        batch=BatchSettings(max_queue=10, warmup=False))
     settings.images.default_size = "256x256"
     local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 60)
     with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base:

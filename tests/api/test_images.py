@@ -21,7 +21,7 @@ def base_url(tiny_weights) -> Iterator[str]:  # type: ignore[no-untyped-def]
     from server.config import BatchSettings, Settings
 
     settings = Settings(weights_dir=tiny_weights, max_body_mb=1,
-                        batch=BatchSettings(max_wait_ms=50))
+                        batch=BatchSettings(max_wait_ms=50, warmup=False))
     with serve(create_app(settings)) as url:
         yield url
 

@@ -62,7 +62,7 @@ def server(tiny_weights: Path, device: Device, weights: WeightsInfo, fakes: tupl
     oa, gm = fakes
     settings = Settings(
         weights_dir=tiny_weights, ledger_url=f"sqlite:///{ledger}",
-        batch=BatchSettings(max_queue=max_queue),
+        batch=BatchSettings(max_queue=max_queue, warmup=False),
         openai=OpenAISettings(api_key=SecretStr(OPENAI_KEY) if keys else None,
                               base_url=f"{oa.url}/v1", timeout_s=2.0),
         gemini=GeminiSettings(api_key=SecretStr(GEMINI_KEY) if keys else None,

@@ -32,7 +32,7 @@ from tests.ledger_rows import ledger_rows
 
 
 def start(device: Device, weights: WeightsInfo, tiny_weights: Path, **batch: Any):
-    settings = Settings(weights_dir=tiny_weights, batch=BatchSettings(**batch))
+    settings = Settings(weights_dir=tiny_weights, batch=BatchSettings(**{"warmup": False, **batch}))
     local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings),
                         settings.batch.default_timeout_s)
     return serve(create_app(settings, loader=lambda _: local)), local

@@ -88,7 +88,7 @@ def server(tiny_weights: Path, tmp_path: Path) -> Iterator[tuple[str, str, Ledge
     key = KeyStore(ledger).create("team-a")  # before start: the server needs keys at once
     settings = Settings(weights_dir=tiny_weights, ledger_url=url, admin_key=SecretStr(ADMIN),
                         images=ImageSettings(min_side=64),
-                        batch=BatchSettings(max_wait_ms=5),
+                        batch=BatchSettings(max_wait_ms=5, warmup=False),
                         # configured, as on a real box; nothing here spills to it (a closed
                         # loopback port answers at once if anything ever did)
                         openai=OpenAISettings(api_key=SecretStr("sk-unused"),

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 
 def _env(weights: Path) -> dict[str, str]:
     """A newcomer's environment: the defaults (engine workers included), the tiny weights."""
-    env = {k: v for k, v in os.environ.items() if k != "SPILLWAY_ENGINE__DEVICES"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SPILLWAY_ENGINE__DEVICES", "SPILLWAY_BATCH__WARMUP")}
     return {**env, "SPILLWAY_WEIGHTS_DIR": str(weights), "PYTHONUNBUFFERED": "1"}
 
 

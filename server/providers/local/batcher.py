@@ -177,18 +177,21 @@ class Batcher(Generic[T, R]):
         with self._cond:
             running = sum(n for _, _, n in self._running.values())
             return Snapshot(self._live_locked(), running, self._rate.value,
-                            self._batches, self._items_done, self._calibration.margin_s())
+                            self._batches, self._items_done,
+                            max(0.0, self._calibration.margin_s()))
 
     def estimated_wait(self, items: Sequence[T], *, bulk: bool = False) -> float:
         """Seconds until these items would be done if admitted now (interactive items
-        do not wait for queued bulk work), plus the p95 of what past estimates missed by:
-        what admission by deadline compares. With no items: until the queue drains."""
+        do not wait for queued bulk work), plus the p95 of what past estimates missed by
+        when they were short (one that runs long is never shortened: an early guess from
+        the prior would otherwise excuse every later miss): what admission by deadline
+        compares. With no items: until the queue drains."""
         now = self._clock()
         with self._cond:
             raw = self._eta_locked(now, items, include_bulk=bulk)
             if not items:
                 return raw
-            return max(0.0, raw + self._calibration.margin_s())
+            return raw + max(0.0, self._calibration.margin_s())
 
     def _live_locked(self) -> int:
         """Queued items a client still waits for (a cancelled one is gone for good)."""

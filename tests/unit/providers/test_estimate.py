@@ -71,13 +71,16 @@ def test_eta_counts_whole_batches_and_the_new_items_last_one() -> None:
 
 
 def test_calibration_margin_is_the_p95_of_the_errors() -> None:
-    cal = Calibration(window=100, min_samples=20)
-    for _ in range(19):
+    cal = Calibration(window=100)
+    assert cal.margin_s() == 0.0  # nothing learnt
+    cal.add(0.2)
+    cal.add(-0.1)
+    assert cal.margin_s() == 0.2  # a few: the worst of them
+    for _ in range(17):
         cal.add(1.0)
-    assert cal.margin_s() == 0.0  # too few to say
     for i in range(81):
         cal.add(i / 1000)
-    ordered = sorted([1.0] * 19 + [i / 1000 for i in range(81)])
+    ordered = sorted([1.0] * 17 + [0.2, -0.1] + [i / 1000 for i in range(81)])
     assert cal.margin_s() == ordered[94]
 
 
