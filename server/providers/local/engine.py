@@ -134,7 +134,9 @@ class EngineWorker:
         theirs.close()  # ours is now the only end here: the child's death closes the pipe
         with self._lock:
             self._proc, self._conn = proc, ours
-        answer = self._wait(self.load_timeout_s)
+            closed = self._closed  # close() came first: this one is not waited for
+        started = time.monotonic()
+        answer = None if closed else self._wait(self.load_timeout_s)
         with self._lock:
             if isinstance(answer, Loaded) and not self._closed:
                 self.description, self.load_error = answer.description, None
@@ -142,6 +144,8 @@ class EngineWorker:
                 self._failures = 0
                 log.info("%s: loaded (%s)", self.name, answer.description)
                 return
+        if answer is None and not closed and time.monotonic() - started < self.load_timeout_s:
+            proc.join(2)  # it died: its pipe closed a moment before it could be reaped
         code = proc.exitcode
         self._reap()
         if self._closed:
