@@ -22,16 +22,20 @@ class Died(RuntimeError):
 class Device:
     """A runner: answers each item with its own name, or dies ``dies`` times first."""
 
-    def __init__(self, name: str, *, dies: int = 0, ready: bool = True) -> None:
+    def __init__(self, name: str, *, dies: int = 0, ready: bool = True,
+                 wakes: Device | None = None) -> None:
         self.name = name
         self.dies = dies
         self.ready = ready
+        self.wakes = wakes  # made ready when this one dies
         self.ran: list[list[int]] = []
         self.recovered = 0
 
     def run(self, items: list[int]) -> list[str]:
         if self.dies:
             self.dies -= 1
+            if self.wakes is not None:
+                self.wakes.ready = True
             raise Died(f"{self.name} died")
         self.ran.append(items)
         return [f"{self.name}:{i}" for i in items]
@@ -64,7 +68,10 @@ def results(futures: list[Future[str]]) -> list[str]:
 
 
 def test_a_batch_whose_device_died_runs_again_on_another() -> None:
-    dying, healthy = Device("a", dies=1), Device("b")
+    # The healthy one takes work only once the other has died: the batch goes to the
+    # dying one first, whichever thread wakes first.
+    healthy = Device("b", ready=False)
+    dying = Device("a", dies=1, wakes=healthy)
     b = batcher(dying, healthy)
     try:
         got = results(b.submit([Item(i) for i in range(3)], 60))
