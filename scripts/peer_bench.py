@@ -21,7 +21,8 @@ servers), and stops it; then it times the bare pipeline at batch ``--max-batch``
 Server CPU is the server's process tree's user+sys time over the timed window (/proc),
 per image: "host" is every process of the tree but the model workers (Spillway: the HTTP
 process; LitServe: its HTTP server, its queue manager and its launcher), "total" all of
-it. The load generator's own CPU is not counted. Figures, not assertions.
+it. The load generator's own CPU is not the server's; ``--per-process`` prints it beside
+each process's share. Figures, not assertions.
 
 Needs LitServe: ``pip install 'litserve>=0.2.19'`` (the ``bench`` extra).
 """
@@ -224,7 +225,8 @@ def check_response(body: dict[str, Any], width: int, height: int) -> None:
 
 async def _drive(port: int, warm: list[dict[str, object]], timed: list[dict[str, object]],
                  clients: int, size: tuple[int, int], started: Callable[[], None]
-                 ) -> tuple[float, list[float]]:
+                 ) -> tuple[float, list[float], float]:
+    """(wall seconds, latencies, this process's CPU seconds) of the timed part."""
     import httpx
 
     latencies: list[float] = []
@@ -247,9 +249,9 @@ async def _drive(port: int, warm: list[dict[str, object]], timed: list[dict[str,
         latencies.clear()
         started()
         todo = iter(timed)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(todo, False) for _ in range(clients)))
-        return time.perf_counter() - t0, latencies
+        return time.perf_counter() - t0, latencies, time.process_time() - cpu0
 
 
 def _load_child(conn: Connection, port: int, warm: list[dict[str, object]],
@@ -270,6 +272,7 @@ class Result:
     host_cpu_s: float
     total_cpu_s: float
     processes: tuple[tuple[str, float], ...] = ()
+    client_cpu_s: float = 0.0  # the load generator's, for where the machine's CPU went
 
     @property
     def images_per_s(self) -> float:
@@ -312,10 +315,10 @@ def measure(name: str, port: int, root_pid: int, args: argparse.Namespace) -> Re
     finally:
         proc.join(30)
     assert before is not None
-    wall, latencies = payload
+    wall, latencies, client_cpu = payload
     host, total = cpu_between(before, after)
     return Result(name, args.requests, wall, latencies, host, total,
-                  tuple(cpu_by_process(before, after, root_pid)))
+                  tuple(cpu_by_process(before, after, root_pid)), client_cpu)
 
 
 # -- the servers -----------------------------------------------------------------------
@@ -624,7 +627,8 @@ def bench(args: argparse.Namespace) -> int:
                 print(_row(str(n), r.server, Row.of(r), c.images_per_s), flush=True)
                 if args.per_process:
                     print(" " * 8 + "CPU ms/image by process: " + ", ".join(
-                        f"{role} {cpu * 1000 / r.images:.2f}" for role, cpu in r.processes))
+                        f"{role} {cpu * 1000 / r.images:.2f}" for role, cpu in r.processes)
+                        + f"; load generator {r.client_cpu_s * 1000 / r.images:.2f}")
             for line in _ceiling_rows(str(n), c, args.max_batch):
                 print(line, flush=True)
     ceiling = Ceiling(ceilings[0].images, *(statistics.median(
