@@ -163,7 +163,7 @@ class Batcher(Generic[T, R]):
             if self._closing:
                 raise Closed("server is shutting down")
             if self._live_locked() + len(items) > self.policy.max_queue:
-                raise QueueFull(self._drain_s_locked(now))
+                raise QueueFull(self._eta_locked(now, ()))
             predicted = self._eta_locked(now, items, include_bulk=bulk)
             entries = [Pending(item, now, now + timeout_s, bulk=bulk, predicted_s=predicted)
                        for item in items]
@@ -199,9 +199,6 @@ class Batcher(Generic[T, R]):
 
     def live_devices(self) -> int:
         return sum(1 for r in self.runners if r.ready)
-
-    def _drain_s_locked(self, now: float) -> float:
-        return self._eta_locked(now, ())
 
     def _eta_locked(self, now: float, items: Sequence[T], include_bulk: bool = True) -> float:
         """The model's estimate (estimate.py's ``eta``) over the queue as it is now; no
