@@ -71,6 +71,18 @@ async def _flush_ledger(ledger: Ledger, every_s: float = 5.0) -> None:
                 log.info("ledger: the held rows are written")
 
 
+async def _refresh_keys(keys: KeyStore) -> None:
+    """Keep the key cache fresh in the background: a request then checks its key with no
+    thread hop (KeyStore.fresh), and a key made or revoked by another process (the CLI)
+    is seen within the cache's life."""
+    while True:
+        try:
+            await asyncio.to_thread(keys.refresh)
+        except Exception as exc:  # noqa: BLE001 - requests fall back to their own lookup
+            log.warning("keys: could not refresh the cache (%s)", exc)
+        await asyncio.sleep(keys.ttl_s / 4)
+
+
 def create_app(settings: Settings, loader: Loader | None = load_local_images,
                chat_loader: ChatLoader | None = load_local_chat) -> API:
     """``chat_loader=None`` serves images only (as does ``SPILLWAY_VLM__ENABLED=false``);
@@ -139,6 +151,7 @@ def create_app(settings: Settings, loader: Loader | None = load_local_images,
 
         state.loaders.append(asyncio.create_task(load_all()))
         state.loaders.append(asyncio.create_task(_flush_ledger(ledger), name="ledger-flush"))
+        state.loaders.append(asyncio.create_task(_refresh_keys(state.keys), name="key-refresh"))
         try:
             yield
         finally:

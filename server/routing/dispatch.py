@@ -31,6 +31,7 @@ from server.providers.pricing import nearest_size
 from server.retry_after import retry_headers
 from server.routing.decide import CloudState, JobView, Policy, Route, Signals, decide
 from server.routing.limits import CircuitBreaker, RateLimiter
+from server.store.group_writer import GroupWriter
 from server.store.ledger import Ledger, UsageRow
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Dispatcher:
         self.settings = settings
         self.providers = providers
         self.ledger = ledger
+        self._writer = GroupWriter(ledger) if ledger is not None else None
         r = settings.router
         self.limiter = RateLimiter(r.rate_limits, clock)
         self.breakers = {name: CircuitBreaker(r.breaker_failures, r.breaker_cooldown_s, clock)
@@ -346,13 +348,16 @@ class Dispatcher:
             spent[row.route] = spent.get(row.route, 0.0) + row.cost_usd
         if self.on_record is not None:
             self.on_record(row)
-        if self.ledger is not None:
+        if self._writer is not None:
             # Never raises for a database that refuses: the row is held and written later.
-            await asyncio.to_thread(self.ledger.record_or_hold, row)
+            # Rows go in groups, one transaction for all that came during the last one.
+            await self._writer.write(row)
 
     async def close(self) -> None:
         for provider in self.providers.values():
             await provider.close()
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.flush)
 
 
 async def check_context(local: LocalChat, item: ChatItem) -> None:

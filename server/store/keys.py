@@ -126,9 +126,15 @@ class KeyStore:
         with self.ledger.reading() as s:
             return [_info(r) for r in s.scalars(select(KeyRecord).order_by(KeyRecord.id))]
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Reload when half the cache's life is gone: called off the request path (the
+        app's key-refresh task), so that requests find it fresh and need no thread."""
+        self._refresh(self.ttl_s / 2)
+
+    def _refresh(self, max_age_s: float | None = None) -> None:
         with self._lock:
-            if time.monotonic() - self._loaded > self.ttl_s:
+            if time.monotonic() - self._loaded > (self.ttl_s if max_age_s is None
+                                                  else max_age_s):
                 with self.ledger.reading() as s:
                     rows = list(s.scalars(select(KeyRecord)))
                 self._cache = {r.digest: _info(r) for r in rows if r.revoked_at is None}

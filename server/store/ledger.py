@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
@@ -30,6 +30,7 @@ from sqlalchemy import (
     String,
     case,
     func,
+    insert,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -143,6 +144,12 @@ class UsageRecord(Base):
     reason: Mapped[str | None] = mapped_column(String(255))
 
 
+def _values(row: UsageRow) -> dict[str, Any]:
+    values = {name: getattr(row, name) for name in _ROW_FIELDS}
+    values["at"] = _utc(row.at) if row.at is not None else datetime.now(UTC)
+    return values
+
+
 def _day_bounds(now: datetime | None) -> tuple[datetime, datetime]:
     """[UTC midnight of ``now``, the next UTC midnight)."""
     day = _utc(now or datetime.now(UTC)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -202,24 +209,34 @@ class Ledger:
 
     def record(self, row: UsageRow) -> int:
         """Store one request; returns its id."""
-        values = {name: getattr(row, name) for name in _ROW_FIELDS}
-        values["at"] = _utc(row.at) if row.at is not None else datetime.now(UTC)
-        rec = UsageRecord(**values)
+        rec = UsageRecord(**_values(row))
         with self._write_lock, Session(self.engine) as s, s.begin():
             s.add(rec)
             s.flush()
             return rec.id
 
+    def record_many(self, rows: Sequence[UsageRow]) -> None:
+        """Store rows in one transaction (one executemany): all or none."""
+        if not rows:
+            return
+        with self._write_lock, Session(self.engine) as s, s.begin():
+            s.execute(insert(UsageRecord), [_values(r) for r in rows])
+
     def record_or_hold(self, row: UsageRow) -> bool:
         """Write the row; when the database refuses (a full disk), hold it to write later
         (``flush_held``) rather than fail the request it accounts for: finished work is
         delivered whether or not its bookkeeping could be written at once."""
+        return self.record_or_hold_many([row])
+
+    def record_or_hold_many(self, rows: Sequence[UsageRow]) -> bool:
+        """``record_or_hold`` for a group of rows, in one transaction."""
         if self._held:
             self.flush_held()
         try:
-            self.record(row)
+            self.record_many(rows)
         except Exception as exc:
-            self._hold(replace(row, at=row.at or datetime.now(UTC)), exc)
+            now = datetime.now(UTC)
+            self._hold([replace(row, at=row.at or now) for row in rows], exc)
             return False
         self.write_error = None
         return True
@@ -242,15 +259,16 @@ class Ledger:
     def held(self) -> int:
         return len(self._held)
 
-    def _hold(self, row: UsageRow, exc: Exception) -> None:
+    def _hold(self, rows: Sequence[UsageRow], exc: Exception) -> None:
         with self._held_lock:
-            if len(self._held) >= MAX_HELD:
-                self._held.popleft()
-                self.dropped += 1
-            self._held.append(row)
+            for row in rows:
+                if len(self._held) >= MAX_HELD:
+                    self._held.popleft()
+                    self.dropped += 1
+                self._held.append(row)
             self.write_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-        log.error("ledger: could not write a row (%s); %d rows held to write later",
-                  self.write_error, len(self._held))
+        log.error("ledger: could not write %d row(s) (%s); %d rows held to write later",
+                  len(rows), self.write_error, len(self._held))
 
     # -- reads ----------------------------------------------------------------------------
 
