@@ -113,8 +113,11 @@ async def json_body(request: Request) -> Any:
 def new_account(request: Request, endpoint: str, model: str | None) -> Account:
     """The request's account, left on ``request.state`` for the access log and the
     request metrics (server/http/middleware.py)."""
+    # Its latency counts from the request's arrival, as the access log's does.
+    arrived = getattr(request.state, "arrived", None)
     account = Account(endpoint, model or "auto", caller_of(request),
-                      request_id=getattr(request.state, "request_id", None))
+                      request_id=getattr(request.state, "request_id", None),
+                      **({"started": arrived} if arrived is not None else {}))
     request.state.account = account
     return account
 
@@ -141,20 +144,30 @@ class ClientGone(Exception):
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Race the work against the client leaving; if it leaves, the work is cancelled
     (and with it every queued item of the request), and what it does when cancelled (its
-    account says 499) is done before this raises ``ClientGone``."""
-    task = asyncio.ensure_future(work)
+    account says 499) is done before this raises ``ClientGone``.
+
+    The work runs in this task, not a task of its own: a new task would start only after
+    one trip round the event loop, and under a burst of requests that trip waits behind
+    every other request's turn (a 429 decided at once must not). A watcher task cancels
+    this one when the client leaves."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        current.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # the server cancels the request (shutdown): not the client's doing
+        current.uncancel()
+        raise ClientGone from None
     finally:
         watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    await asyncio.wait({task})
-    raise ClientGone

@@ -155,7 +155,11 @@ class RequestContext:
                 return await receive()  # after the body: waiting for a disconnect is fine
             wait = pace.deadline(end.started, last, seen) - time.monotonic()
             try:
-                return await asyncio.wait_for(receive(), max(0.0, wait))
+                # A timeout scope, not wait_for: that would run receive() as a task of its
+                # own, one trip round the event loop even when the body is already here,
+                # and under a burst each trip waits behind every other request's turn.
+                async with asyncio.timeout(max(0.0, wait)):
+                    return await receive()
             except TimeoutError:
                 log.info("request %s: %s", request_id, _too_slow(pace).message)
                 if end.status is None:

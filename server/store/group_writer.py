@@ -16,6 +16,7 @@ daemon thread that exits when idle) is shorter than any adapter to a task queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -83,11 +84,10 @@ class GroupWriter:
                 self._writing = 0
                 self._cond.notify_all()
             for _, done in group:
+                # RuntimeError: the caller's event loop is closed, nobody waits any more.
                 if done is not None:
-                    try:
+                    with contextlib.suppress(RuntimeError):
                         done()
-                    except RuntimeError:  # the caller's event loop is closed: nobody waits
-                        pass
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued row is written; False if ``timeout_s`` passed first."""
