@@ -39,7 +39,7 @@ from server.config import (
     RouterSettings,
     Settings,
 )
-from server.tools.bench import _free_port
+from server.tools.bench import free_port
 from tests.fakes.gemini_server import running_fake_gemini
 from tests.fakes.openai_server import running_fake_openai
 
@@ -137,7 +137,7 @@ def _fake_clouds(latency_s: float) -> Iterator[tuple[str, str]]:
 def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[str, object],
                     deadline_ms: float, closed: bool = False,
                     server_side: _ServerSide | None = None) -> list[Outcome]:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, chat_loader=None),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

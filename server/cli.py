@@ -211,7 +211,9 @@ def bench(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
-            bench_mod.burst(settings, requests=burst, size=size, folder=folder)
+            from server.tools import burst as burst_mod
+
+            burst_mod.burst(settings, requests=burst, size=size, folder=folder)
     elif workers is not None:
         bench_mod.compare_workers(settings, clients=clients, requests=requests, size=size,
                                   steps=steps, workers=workers)

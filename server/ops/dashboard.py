@@ -24,6 +24,8 @@ WIDE = ((1024, 768), (768, 1024), (1024, 576), (576, 1024))
 # What the page shows of each local model (never where its weights are).
 LOCAL_FIELDS = ("model", "kind", "queued", "running", "max_queue", "items_per_s",
                 "estimated_wait_s", "items_done")
+# What a team's key may see of a worker: not its pid nor why it failed to load (paths).
+WORKER_FIELDS = ("name", "device", "state", "batches", "items", "items_per_s", "restarts")
 
 
 def minute_floor(at: datetime) -> datetime:
@@ -146,6 +148,9 @@ def build(*, now: datetime, today: Sequence[dict[str, Any]],
         "status": live.status,
         "refresh_s": REFRESH_S,
         "local": [{f: getattr(m, f) for f in LOCAL_FIELDS} for m in live.models],
+        # Engine worker processes (none: a model runs in the server's process).
+        "workers": [{"model": m.model, **{f: getattr(w, f) for f in WORKER_FIELDS}}
+                    for m in live.models for w in m.workers],
         "queued": sum(m.queued for m in live.models),
         "clouds": [{**asdict(c), "spent_today_usd": spent.get(c.name, 0.0)}
                    for c in live.clouds],

@@ -74,6 +74,13 @@ function renderTables(d) {
     cell(m.items_per_s === null ? "–" : `${m.items_per_s.toFixed(1)}/s`),
     cell(`${m.estimated_wait_s.toFixed(1)} s`),
   )) : [row(cell(`no local model (${d.status})`, "muted"))]));
+  $("workers").replaceChildren(...(d.workers.length ? d.workers.map((w) => row(
+    cell(w.name), cell(w.model), cell(w.device), cell(w.state, `worker ${w.state}`),
+    cell(String(w.batches)),
+    cell(w.items_per_s === null ? "–" : `${w.items_per_s.toFixed(1)}/s`),
+    cell(String(w.restarts)),
+  )) : [row(cell(d.local.length ? "none: the models run in the server's process"
+    : "no local model", "muted"))]));
   $("clouds").replaceChildren(...d.clouds.map((c) => row(
     cell(c.name),
     cell(c.configured ? "configured" : "not configured", c.configured ? "" : "muted"),

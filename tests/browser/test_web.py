@@ -188,6 +188,7 @@ def test_playground_and_dashboard_in_a_browser(server: tuple[str, str, Ledger], 
     expect(p.locator("#kpi-savings")).not_to_have_text("$0.00")
     expect(p.locator("#dash-foot")).to_contain_text("team-a")
     assert p.locator("#models tr").count() == 2
+    expect(p.locator("#workers")).to_contain_text("the models run in the server's process")
     expect(p.locator("#clouds tr:first-child td:nth-child(2)")).to_have_text("configured")
     shot(p, "dashboard-team", full_page=True)
 

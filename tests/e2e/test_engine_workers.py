@@ -91,6 +91,10 @@ def test_two_worker_processes_serve_the_same_pixels_as_the_server_process(
     assert [w["state"] for w in models["workers"]] == ["ready", "ready"]
     assert sum(w["items"] for w in models["workers"]) >= 2
     assert "pid" not in models["workers"][0]  # an open server's callers are not the operator
+    shown = httpx.get(f"{base}/v1/dashboard").json()["workers"]  # the dashboard's table
+    assert [(w["model"], w["device"], w["state"]) for w in shown] == [
+        ("sdxl-turbo", "cpu", "ready")] * 2
+    assert sum(w["batches"] for w in shown) >= 1 and "pid" not in shown[0]
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_comes_back(
