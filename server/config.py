@@ -259,9 +259,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     xformers: bool = False
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads when running on the CPU; default: in the "
-        "server's process all cores but one (the HTTP side's), in CPU engine workers all "
-        "cores shared out among them")
+        None, ge=1, description="torch threads when running on the CPU; default: all cores "
+        "but one (left to the HTTP side), shared out among the CPU engine workers")
     max_body_mb: float = Field(25.0, gt=0)
     # A client must not hold a connection (or its memory) with a request that never ends:
     # server/http/server.py bounds the head, server/http/middleware.py the body.

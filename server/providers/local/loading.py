@@ -135,16 +135,17 @@ def _timeouts(settings: Settings) -> dict[str, float]:
 
 
 def worker_threads(settings: Settings, workers: int) -> int:
-    """torch threads per CPU worker: every core, shared out among the CPU workers.
+    """torch threads per CPU worker: the cores but one, shared out among the CPU workers.
 
     Measured on a 2-core machine with one worker (``spillway bench --workers 1``): 2
     threads gave 23.1-25.3 images/s at 256x256 against 20.7-22.0 with 1, and 1 thread
-    126-175 at 64x64 against 123-164 with 2. The HTTP side needs ~3 ms of CPU per image
-    now that it encodes nothing, so the device, not the server, is what wants the core
-    at any size worth serving (in-process, the cores but one: the event loop is there)."""
+    126-175 at 64x64 against 123-164 with 2. But with anything else busy on the box (the
+    spill bench's fake clouds), 2 threads on 2 cores made batch times swing by 2x and the
+    late share rose from 3.3% to 7-57%: torch's threads spin when they are
+    oversubscribed. A core stays free for the HTTP side and whatever else runs."""
     if settings.cpu_threads is not None:
         return settings.cpu_threads
-    return max(1, (os.cpu_count() or 2) // max(1, workers))
+    return max(1, ((os.cpu_count() or 2) - 1) // max(1, workers))
 
 
 def start_workers(settings: Settings, devices: list[str], *,

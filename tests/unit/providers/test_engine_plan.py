@@ -77,12 +77,12 @@ def test_a_chat_row_crosses_as_primitives_and_comes_back_whole() -> None:
     assert not quiet.stream and quiet.item(print, cancel).on_text is None
 
 
-def test_cpu_workers_share_every_core_unless_told() -> None:
+def test_cpu_workers_share_the_cores_but_one_unless_told() -> None:
     from server.config import Settings
     from server.providers.local.loading import worker_threads
 
     cores = os.cpu_count() or 2
-    assert worker_threads(Settings(), 1) == cores  # the server's side encodes nothing now
-    assert worker_threads(Settings(), 2) == max(1, cores // 2)
+    assert worker_threads(Settings(), 1) == max(1, cores - 1)
+    assert worker_threads(Settings(), 2) == max(1, (cores - 1) // 2)
     assert worker_threads(Settings(), 4 * cores) == 1  # never none
     assert worker_threads(Settings(cpu_threads=3), 2) == 3
