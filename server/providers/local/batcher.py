@@ -98,7 +98,7 @@ class Snapshot:
     items_per_s: float | None
     batches: int
     items_done: int
-    margin_s: float = 0.0  # the p99 of what the estimate missed by, added at admission
+    margin_s: float = 0.0  # the p95 of what the estimate missed by, added at admission
 
 
 class Batcher(Generic[T, R]):
@@ -182,7 +182,7 @@ class Batcher(Generic[T, R]):
 
     def estimated_wait(self, items: Sequence[T], *, bulk: bool = False) -> float:
         """Seconds until these items would be done if admitted now (interactive items
-        do not wait for queued bulk work), plus the p99 of what past estimates missed by
+        do not wait for queued bulk work), plus the p95 of what past estimates missed by
         when they were short (one that runs long is never shortened: an early guess from
         the prior would otherwise excuse every later miss): what admission by deadline
         compares. With no items: until the queue drains."""

@@ -7,10 +7,8 @@ batch of n costs about ``overhead + n x per_item``, so a per-item average is opt
 for an item that lands in a small batch and says nothing about how long to wait for
 company. And why a learned error on top: whatever the model leaves out (forming waits,
 encoding, the host's own load) shows up as finished-minus-predicted; admitting on the
-estimate plus the p99 of that error is what keeps locally admitted work within its
-deadline (``scripts/spill_bench.py`` reports the late share). The p99, not the p95:
-under overload most admitted jobs sit at the deadline's edge, so the quantile is about
-the share of them that will be late (measured: 5.4% late with the p95).
+estimate plus the p95 of that error is what keeps locally admitted work within its
+deadline (``scripts/spill_bench.py`` reports the late share).
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ class Calibration:
     the worst of them (a fresh server that admitted a few jobs learns from those), with
     none, 0."""
 
-    def __init__(self, window: int = 256, quantile: float = 0.99) -> None:
+    def __init__(self, window: int = 256, quantile: float = 0.95) -> None:
         self.quantile = quantile
         self._errors: deque[float] = deque(maxlen=window)
         self._margin: float | None = None

@@ -1,7 +1,7 @@
 """The batcher's estimates and batch forming by measured cost: the pure arithmetic
 (estimate.py, forming.py) and, with a fake device that sleeps like a real one (a fixed
 overhead per call plus a cost per item), what a client sees: estimates that hold at
-their p99, and a steady 16-client load that settles into full batches."""
+their p95, and a steady 16-client load that settles into full batches."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def test_eta_counts_whole_batches_and_the_new_items_last_one() -> None:
     assert eta([shape] * 5, [], devices=1, **common) == pytest.approx(0.014 + 0.011)
 
 
-def test_calibration_margin_is_a_quantile_of_the_errors() -> None:
-    cal = Calibration(window=100, quantile=0.95)
+def test_calibration_margin_is_the_p95_of_the_errors() -> None:
+    cal = Calibration(window=100)
     assert cal.margin_s() == 0.0  # nothing learnt
     cal.add(0.2)
     cal.add(-0.1)
@@ -82,10 +82,6 @@ def test_calibration_margin_is_a_quantile_of_the_errors() -> None:
         cal.add(i / 1000)
     ordered = sorted([1.0] * 17 + [0.2, -0.1] + [i / 1000 for i in range(81)])
     assert cal.margin_s() == ordered[94]
-    default = Calibration(window=100)  # the p99: about one job in a hundred late
-    for e in ordered:
-        default.add(e)
-    assert default.margin_s() == ordered[98]
 
 
 def test_arrivals_counts_the_last_window() -> None:
@@ -168,10 +164,10 @@ def test_a_steady_16_client_load_settles_into_full_batches() -> None:
     assert statistics.mean(settled) >= 14, device.sizes
 
 
-def test_admitting_on_the_estimate_plus_its_p99_error_keeps_items_on_time() -> None:
+def test_admitting_on_the_estimate_plus_its_p95_error_keeps_items_on_time() -> None:
     """A device whose batches vary by +-40% around their mean: the bare estimate is
     beaten about half the time, the calibrated one (what estimated_wait returns and the
-    router compares with a deadline) rarely."""
+    router compares with a deadline) about one time in twenty."""
     device = SleepyDevice(noise=0.4)
     b: Batcher[Item, str] = Batcher("t", device, BatchPolicy(max_batch=4, max_wait_s=0.0),
                                     default_item_s=0.01)
