@@ -292,11 +292,12 @@ class Batcher(Generic[T, R]):
             self._report(batch, started, self._clock() - started, ok=False)
             # A device that died under its batch (not the batch's own error) gets the
             # items run again, once, on the next free one; a second death fails them.
-            again = [p for p in batch if getattr(exc, "retry_elsewhere", False)
+            again = [p for i, p in enumerate(batch) if _may_run_again(exc, i)
                      and not p.retried]
             if again:
-                log.warning("%s: %s died with a batch of %d; it runs again on the next free "
-                            "device", self.name, runner.name, len(again))
+                log.warning("%s: %s died with a batch of %d; %d of its items run again on "
+                            "the next free device", self.name, runner.name, len(batch),
+                            len(again))
                 with self._cond:
                     for p in again:
                         p.retried = True
@@ -354,3 +355,12 @@ def from_batch_failure(exc: BaseException, timeout_s: float, what: str) -> APIEr
     return APIError(500, f"The local {what} failed: {type(exc).__name__}"
                     + (f": {detail}" if detail else ""), type="server_error",
                     code="pipeline_error")
+
+
+def _may_run_again(exc: BaseException, row: int) -> bool:
+    """The device died under the batch (``retry_elsewhere``), and this row may run again
+    (``retry_rows``: None for every row; a row that streamed text is not among them)."""
+    if not getattr(exc, "retry_elsewhere", False):
+        return False
+    rows = getattr(exc, "retry_rows", None)
+    return rows is None or row in rows

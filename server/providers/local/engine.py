@@ -56,9 +56,11 @@ class WorkerDied(RuntimeError):
     """The worker process ended (or must end) while it had a batch. The batch was not at
     fault as far as anyone knows: the batcher runs it again, once, on the next free
     worker (the models are deterministic per seed, so nothing is done twice that shows),
-    unless ``retry_elsewhere`` was turned off (a row had already streamed text)."""
+    unless ``retry_elsewhere`` was turned off. ``retry_rows``: the rows that may run
+    again (None: all); a row that had already streamed text is not among them."""
 
     retry_elsewhere = True
+    retry_rows: frozenset[int] | None = None
 
 
 class EngineWorker:
@@ -333,9 +335,10 @@ class ChatProcess(EngineWorker):
                                     on_message, tick, poll_s=0.05)
         except WorkerDied as exc:
             # Text already sent cannot be taken back: a re-run would send it twice, so
-            # the batch fails (its streams end with an error event) instead.
+            # those rows fail (their streams end with an error event); the others of
+            # the batch run again.
             if streamed:
-                exc.retry_elsewhere = False
+                exc.retry_rows = frozenset(range(len(items))) - streamed
             raise
         if not isinstance(answer, Answered) or len(answer.results) != len(items):
             raise RuntimeError(f"{self.name} answered {type(answer).__name__} to a chat batch")

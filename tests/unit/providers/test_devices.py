@@ -17,15 +17,17 @@ WAIT = 10.0
 
 class Died(RuntimeError):
     retry_elsewhere = True
+    retry_rows: frozenset[int] | None = None
 
 
 class Device:
     """A runner: answers each item with its own name, or dies ``dies`` times first."""
 
     def __init__(self, name: str, *, dies: int = 0, ready: bool = True,
-                 wakes: Device | None = None) -> None:
+                 wakes: Device | None = None, rows: frozenset[int] | None = None) -> None:
         self.name = name
         self.dies = dies
+        self.rows = rows  # which rows its death lets run again (None: all)
         self.ready = ready
         self.wakes = wakes  # made ready when this one dies
         self.ran: list[list[int]] = []
@@ -36,7 +38,9 @@ class Device:
             self.dies -= 1
             if self.wakes is not None:
                 self.wakes.ready = True
-            raise Died(f"{self.name} died")
+            died = Died(f"{self.name} died")
+            died.retry_rows = self.rows
+            raise died
         self.ran.append(items)
         return [f"{self.name}:{i}" for i in items]
 
@@ -81,6 +85,21 @@ def test_a_batch_whose_device_died_runs_again_on_another() -> None:
     assert len(got) == 3 and ran_on <= {"a", "b"}
     assert sorted(int(r.split(":")[1]) for r in got) == [0, 1, 2]
     assert dying.recovered == 1  # the dead one was brought back
+
+
+def test_only_the_rows_a_death_lets_run_again_do() -> None:
+    """A VLM worker killed mid-batch: the row that had streamed text fails (a re-run
+    would send its text twice), the batch's other rows get their answers."""
+    healthy = Device("b", ready=False)
+    dying = Device("a", dies=1, wakes=healthy, rows=frozenset({0, 2}))
+    b = batcher(dying, healthy)
+    try:
+        futures = b.submit([Item(i) for i in range(3)], 60)
+        assert sorted(int(futures[i].result(WAIT).split(":")[1]) for i in (0, 2)) == [0, 2]
+        with pytest.raises(Died):
+            futures[1].result(WAIT)
+    finally:
+        b.close(WAIT)
 
 
 def test_a_batch_that_kills_every_device_fails_after_one_retry() -> None:
