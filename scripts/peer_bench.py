@@ -324,6 +324,8 @@ def measure(name: str, port: int, root_pid: int, args: argparse.Namespace) -> Re
 # -- the servers -----------------------------------------------------------------------
 
 def free_port() -> int:
+    # Not server.tools.bench.free_port: that module imports torch, and every spawned
+    # child of this script re-imports it; the load generator must start light.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

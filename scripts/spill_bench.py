@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 import multiprocessing
 import random
 import threading
@@ -24,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -40,6 +38,7 @@ from server.config import (
     Settings,
 )
 from server.tools.bench import free_port
+from server.tools.burst import AccessLines
 from tests.fakes.gemini_server import running_fake_gemini
 from tests.fakes.openai_server import running_fake_openai
 
@@ -96,22 +95,6 @@ def _client(*args: object) -> list[Outcome]:
     return asyncio.run(_open_loop(*args))  # type: ignore[arg-type]
 
 
-class _ServerSide(logging.Handler):
-    """The server's own latency of each image request, from its access-log lines."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, object]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = json.loads(record.getMessage())
-        except ValueError:
-            return
-        if line.get("path") == "/v1/images/generations":
-            self.lines.append(line)
-
-
 def _fakes_main(conn: Connection, latency_s: float) -> None:
     with running_fake_openai() as oa, running_fake_gemini() as gm:
         oa.latency_s = gm.latency_s = latency_s
@@ -136,16 +119,12 @@ def _fake_clouds(latency_s: float) -> Iterator[tuple[str, str]]:
 
 def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[str, object],
                     deadline_ms: float, closed: bool = False,
-                    server_side: _ServerSide | None = None) -> list[Outcome]:
+                    server_side: AccessLines | None = None) -> list[Outcome]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, chat_loader=None),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    access = logging.getLogger("spillway.access")
-    if server_side is not None:
-        access.addHandler(server_side)
-        access.setLevel(logging.INFO)
     import httpx
 
     while True:
@@ -156,13 +135,12 @@ def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[
             pass
         time.sleep(0.1)
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with (server_side.captured() if server_side is not None else nullcontext()), \
+                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(_client, port, rate, seconds, body, deadline_ms, closed).result()
     finally:
         server.should_exit = True
         thread.join()
-        if server_side is not None:
-            access.removeHandler(server_side)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -202,7 +180,7 @@ def main() -> None:
               f"{args.upstream_latency_s:g} s")
         rows = []
         for label, spill in (("spill on", True), ("spill off", False)):
-            seen = _ServerSide()
+            seen = AccessLines()
             outcomes = _serve_and_load(settings(spill), rate, args.seconds, body,
                                        args.deadline_ms, server_side=seen)
             ok = [o for o in outcomes if o.status == 200]
@@ -210,7 +188,7 @@ def main() -> None:
             spilled = sum(n for r, n in routes.items() if r not in ("local", "-"))
             local = [o for o in ok if o.route == "local"]
             late = sum(o.latency_s * 1000 > args.deadline_ms for o in local) / max(1, len(local))
-            served_here = [float(str(line["latency_ms"])) for line in seen.lines
+            served_here = [float(str(line["latency_ms"])) for line in seen.fields
                            if line.get("route") == "local" and line.get("status") == 200]
             late_server = sum(ms > args.deadline_ms for ms in served_here) / max(
                 1, len(served_here))

@@ -222,14 +222,11 @@ class Ledger:
         with self._write_lock, Session(self.engine) as s, s.begin():
             s.execute(insert(UsageRecord), [_values(r) for r in rows])
 
-    def record_or_hold(self, row: UsageRow) -> bool:
-        """Write the row; when the database refuses (a full disk), hold it to write later
-        (``flush_held``) rather than fail the request it accounts for: finished work is
-        delivered whether or not its bookkeeping could be written at once."""
-        return self.record_or_hold_many([row])
-
     def record_or_hold_many(self, rows: Sequence[UsageRow]) -> bool:
-        """``record_or_hold`` for a group of rows, in one transaction."""
+        """Write the rows in one transaction; when the database refuses (a full disk),
+        hold them to write later (``flush_held``) rather than fail the requests they
+        account for: finished work is delivered whether or not its bookkeeping could be
+        written at once."""
         if self._held:
             self.flush_held()
         try:

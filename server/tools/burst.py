@@ -91,7 +91,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-class _AccessLines(logging.Handler):
+class AccessLines(logging.Handler):
     """The access log's fields of every request, while ``captured`` (and nothing printed
     meanwhile)."""
 
@@ -146,7 +146,7 @@ def burst(settings: Settings, *, requests: int, size: str, folder: str) -> None:
                                                log_level="warning", access_log=False))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        lines = _AccessLines()
+        lines = AccessLines()
         try:
             while not (server.started and app.state.spillway.ready):
                 time.sleep(0.05)
