@@ -74,7 +74,7 @@ class Dispatcher:
         # the result back on the event loop (the hops the batcher cannot see; large when
         # the HTTP side is loaded): its p95 is added to the estimate a deadline is held to.
         # (Chat answers are not: their length, unknown ahead, dominates their time.)
-        self._image_lag = Calibration()
+        self._image_lag = Calibration(quantile=0.95)
 
     # -- signals --------------------------------------------------------------------
     def _spent_today(self) -> dict[str, float]:
@@ -107,7 +107,8 @@ class Dispatcher:
         """``decided``: when a job the router kept here was admitted. What the batcher
         took it learns itself; this is the rest, up to the result back on the loop."""
         if decided is not None:
-            self._image_lag.add(time.monotonic() - decided - run.done_s)
+            now = time.monotonic()
+            self._image_lag.add(now - decided - run.done_s, now)
 
     def _signals(self, task: Task, asked: str | None, local: LocalImages | LocalChat | None,
                  items: list[object], bulk: bool = False, lag_s: float = 0.0) -> Signals:
@@ -199,7 +200,7 @@ class Dispatcher:
         local = self.images_local
         costs = {p: self._image_cost(p, job) for p in CLOUDS}
         view = JobView("image", job.model, job.quality, deadline_s, costs)
-        lag = 0.0 if bulk else max(0.0, self._image_lag.margin_s())
+        lag = 0.0 if bulk else max(0.0, self._image_lag.value(time.monotonic()))
         signals = self._signals("image", job.model, local, job.items(), bulk, lag)  # type: ignore[arg-type]
         route = decide(view, signals, self._policy("image", bulk))
         decided = time.monotonic() if route.where == "local" and not bulk else None
@@ -215,7 +216,9 @@ class Dispatcher:
             raise _reject(route)
         assert local is not None
         try:
-            run = await local.generate(job, bulk=bulk)
+            # Held to the deadline it was admitted by, less the lag the batcher cannot see.
+            run = await local.generate(job, bulk=bulk,
+                                       due_in_s=None if bulk else deadline_s - lag)
             self._learn_lag(decided, run)
         except APIError as exc:
             fallback = self._cloud_after_local_failure(exc, view, "image", job.model)

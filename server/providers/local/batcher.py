@@ -11,6 +11,7 @@ allows.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -19,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from server.errors import APIError, shutting_down
-from server.providers.local.estimate import Arrivals, Calibration, CostModel, eta
+from server.providers.local.estimate import (
+    Arrivals,
+    Calibration,
+    CostModel,
+    Waiting,
+    eta,
+)
 from server.providers.local.forming import (
     BatchPolicy,
     Decision,
@@ -98,7 +105,7 @@ class Snapshot:
     items_per_s: float | None
     batches: int
     items_done: int
-    margin_s: float = 0.0  # the p95 of what the estimate missed by, added at admission
+    stretch: float = 1.0  # the p99 of finished / estimated, applied at admission
 
 
 class Batcher(Generic[T, R]):
@@ -123,7 +130,8 @@ class Batcher(Generic[T, R]):
         # device slot -> (started, expected_s, items) of the batch it runs now
         self._running: dict[int, tuple[float, float, int]] = {}
         self._costs: dict[Hashable, CostModel] = {}  # shape -> its measured batch costs
-        self._calibration = Calibration()
+        # How many times longer than estimated interactive items took (its p99).
+        self._stretch = Calibration(quantile=0.99, empty=1.0)
         self._arrivals = Arrivals()
         self._free_since = [float("-inf")] * len(self.runners)  # when each device freed
         self._rate = Ewma()  # items/s over all shapes
@@ -155,9 +163,11 @@ class Batcher(Generic[T, R]):
                 thread.join(timeout)
 
     # -- admission -------------------------------------------------------------------
-    def submit(self, items: Sequence[T], timeout_s: float, *, bulk: bool = False
-               ) -> list[Future[R]]:
-        """Admit all items or none: a cheap check under the lock, no work done."""
+    def submit(self, items: Sequence[T], timeout_s: float, *, bulk: bool = False,
+               due_in_s: float | None = None) -> list[Future[R]]:
+        """Admit all items or none: a cheap check under the lock, no work done.
+        ``due_in_s``: when the client needs them done (the router's deadline): no batch
+        is then formed so large that it would make them late."""
         now = self._clock()
         with self._cond:
             if self._closing:
@@ -165,7 +175,9 @@ class Batcher(Generic[T, R]):
             if self._live_locked() + len(items) > self.policy.max_queue:
                 raise QueueFull(self._eta_locked(now, ()))
             predicted = self._eta_locked(now, items, include_bulk=bulk)
-            entries = [Pending(item, now, now + timeout_s, bulk=bulk, predicted_s=predicted)
+            due = math.inf if due_in_s is None else now + due_in_s
+            entries = [Pending(item, now, now + timeout_s, bulk=bulk, predicted_s=predicted,
+                               due=due)
                        for item in items]
             self._pending.extend(entries)
             self._arrivals.add(now, len(items))
@@ -178,20 +190,23 @@ class Batcher(Generic[T, R]):
             running = sum(n for _, _, n in self._running.values())
             return Snapshot(self._live_locked(), running, self._rate.value,
                             self._batches, self._items_done,
-                            max(0.0, self._calibration.margin_s()))
+                            self._stretch_locked(self._clock()))
 
     def estimated_wait(self, items: Sequence[T], *, bulk: bool = False) -> float:
         """Seconds until these items would be done if admitted now (interactive items
-        do not wait for queued bulk work), plus the p95 of what past estimates missed by
-        when they were short (one that runs long is never shortened: an early guess from
-        the prior would otherwise excuse every later miss): what admission by deadline
-        compares. With no items: until the queue drains."""
+        do not wait for queued bulk work), stretched by the p99 of how many times longer
+        than estimated past items took (never shrunk: an early guess from the prior
+        would otherwise excuse every later miss): what admission by deadline compares.
+        With no items: until the queue drains, as estimated."""
         now = self._clock()
         with self._cond:
             raw = self._eta_locked(now, items, include_bulk=bulk)
             if not items:
                 return raw
-            return raw + max(0.0, self._calibration.margin_s())
+            return raw * self._stretch_locked(now)
+
+    def _stretch_locked(self, now: float) -> float:
+        return max(1.0, self._stretch.value(now))
 
     def _live_locked(self) -> int:
         """Queued items a client still waits for (a cancelled one is gone for good)."""
@@ -203,14 +218,19 @@ class Batcher(Generic[T, R]):
     def _eta_locked(self, now: float, items: Sequence[T], include_bulk: bool = True) -> float:
         """The model's estimate (estimate.py's ``eta``) over the queue as it is now; no
         live device: never (the router spills or refuses)."""
-        ahead = [(p.item.shape_key, p.item.pixels) for p in self._pending
+        # In the order form_batch takes them: interactive items first (sorted is stable).
+        ahead = [Waiting(p.item.shape_key, p.item.pixels, p.due - now)
+                 for p in sorted(self._pending, key=lambda p: p.bulk)
                  if not p.future.cancelled() and (include_bulk or not p.bulk)]
-        left = sum(max(0.0, started + expected - now)
-                   for started, expected, _ in self._running.values())
-        return eta(ahead, [(i.shape_key, i.pixels) for i in items], running_left_s=left,
-                   devices=self.live_devices(), batch_s=self._batch_s,
-                   capacity=lambda px: capacity(px, self.policy),
-                   forming_wait_s=self.policy.max_wait_s)
+        free_in = []  # per live device: when what it runs is done (0: idle now)
+        for slot, runner in enumerate(self.runners):
+            if runner.ready:
+                run = self._running.get(slot)
+                free_in.append(run[0] + run[1] - now if run else 0.0)
+        return eta(ahead, [Waiting(i.shape_key, i.pixels) for i in items], free_in_s=free_in,
+                   batch_s=self._batch_s, capacity=lambda px: capacity(px, self.policy),
+                   forming_wait_s=self.policy.max_wait_s,
+                   stretch=self._stretch_locked(now))
 
     def _batch_s(self, key: Hashable, pixels: int, size: int) -> float:
         """A batch's measured cost; an unseen shape costs what the cheapest seen one costs
@@ -250,7 +270,9 @@ class Batcher(Generic[T, R]):
                     self._cond.wait(0.2)
                     return []
                 decision = form_batch(self._pending, now, self.policy,
-                                      idle_s=now - self._free_since[slot], hold_s=self._hold_s)
+                                      idle_s=now - self._free_since[slot], hold_s=self._hold_s,
+                                      batch_s=self._batch_s,
+                                      stretch=self._stretch_locked(now))
                 if decision.take:
                     chosen = set(decision.take)
                     batch = [self._pending[i] for i in decision.take]
@@ -320,7 +342,8 @@ class Batcher(Generic[T, R]):
             # retried item (its first device died under it).
             for p in batch:
                 if p.predicted_s is not None and not p.retried and not p.bulk:
-                    self._calibration.add(done - p.enqueued - p.predicted_s)
+                    if p.predicted_s > 0:
+                        self._stretch.add((done - p.enqueued) / p.predicted_s, done)
             self._rate.add(len(batch) / elapsed)
             self._batches += 1
             self._items_done += len(batch)

@@ -6,16 +6,18 @@ Why batch costs and not a cost per item: an item is done when its whole batch is
 batch of n costs about ``overhead + n x per_item``, so a per-item average is optimistic
 for an item that lands in a small batch and says nothing about how long to wait for
 company. And why a learned error on top: whatever the model leaves out (forming waits,
-encoding, the host's own load) shows up as finished-minus-predicted; admitting on the
-estimate plus the p95 of that error is what keeps locally admitted work within its
-deadline (``scripts/spill_bench.py`` reports the late share).
+encoding, the host's own load) shows up as finished-over-predicted; admitting on the
+estimate stretched by the p99 of that ratio is what keeps locally admitted work within
+its deadline (``scripts/spill_bench.py`` reports the late share).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 
 
 def fit_line(observations: Iterable[tuple[int, float]]) -> tuple[float, float] | None:
@@ -62,31 +64,41 @@ class CostModel:
 
 
 class Calibration:
-    """What the estimate missed by (finished minus predicted, seconds) for the last
-    ``window`` items; ``margin_s`` is its ``quantile``: with under 20 errors seen, that is
-    the worst of them (a fresh server that admitted a few jobs learns from those), with
-    none, 0."""
+    """A high quantile of recent observations: the last ``window`` of them, none older
+    than ``max_age_s``. The batcher feeds it how many times longer than estimated items
+    took (finished / predicted, so the margin it gives grows with the wait, as the noise
+    of a longer queue does); the router feeds it seconds. With fewer observations than
+    the quantile can tell apart (under 100 for the p99), it is the worst of them; with
+    none, ``empty``. The age limit keeps one bad stretch (a first call, a noisy minute)
+    from ruling for long: were it kept until enough newer ones came, a margin too wide to
+    admit anything would never see the newer ones."""
 
-    def __init__(self, window: int = 256, quantile: float = 0.95) -> None:
+    def __init__(self, window: int = 256, quantile: float = 0.99, *, empty: float = 0.0,
+                 max_age_s: float = 60.0) -> None:
         self.quantile = quantile
-        self._errors: deque[float] = deque(maxlen=window)
-        self._margin: float | None = None
+        self.empty = empty
+        self.max_age_s = max_age_s
+        self._seen: deque[tuple[float, float]] = deque(maxlen=window)  # (when, value)
+        self._value: float | None = None
 
-    def add(self, error_s: float) -> None:
-        self._errors.append(error_s)
-        self._margin = None
+    def add(self, value: float, now: float) -> None:
+        self._seen.append((now, value))
+        self._value = None
 
-    def margin_s(self) -> float:
-        if not self._errors:
-            return 0.0
-        if self._margin is None:
-            ordered = sorted(self._errors)
-            self._margin = ordered[min(len(ordered) - 1,
-                                       math.ceil(self.quantile * len(ordered)) - 1)]
-        return self._margin
+    def value(self, now: float) -> float:
+        while self._seen and self._seen[0][0] < now - self.max_age_s:
+            self._seen.popleft()
+            self._value = None
+        if not self._seen:
+            return self.empty
+        if self._value is None:
+            ordered = sorted(v for _, v in self._seen)
+            self._value = ordered[min(len(ordered) - 1,
+                                      math.ceil(self.quantile * len(ordered)) - 1)]
+        return self._value
 
     def __len__(self) -> int:
-        return len(self._errors)
+        return len(self._seen)
 
 
 class Arrivals:
@@ -111,39 +123,69 @@ class Arrivals:
             self._count -= self._seen.popleft()[1]
 
 
-Shape = tuple[Hashable, int]  # (shape key, pixels per item)
+@dataclass(frozen=True)
+class Waiting:
+    """A queued item as the estimate sees it: its shape, and when its client needs it
+    done, in seconds from now (inf: whenever)."""
+    key: Hashable
+    pixels: int
+    due_s: float = math.inf
 
 
-def eta(ahead: Iterable[Shape], new: Iterable[Shape], *, running_left_s: float,
-        devices: int, batch_s: Callable[[Hashable, int, int], float],
-        capacity: Callable[[int], int], forming_wait_s: float = 0.0) -> float:
+def eta(ahead: Sequence[Waiting], new: Sequence[Waiting], *, free_in_s: Sequence[float],
+        batch_s: Callable[[Hashable, int, int], float], capacity: Callable[[int], int],
+        forming_wait_s: float = 0.0, stretch: float = 1.0) -> float:
     """Seconds until the ``new`` items would be done if they joined the queue now (with
-    none: until the queue is drained).
+    none: until the queue is drained). ``free_in_s``: when each live device is done with
+    what it runs (0: idle); no live device: never.
 
-    Queued items ride in full batches of their shape; the new ones join the last batch
-    of theirs. Every batch but the new items' last one is shared out over ``devices``
-    with what the devices still run; that last batch runs on one device after them. A
-    batch of the new items that is not full and has nothing ahead of its shape waits
-    ``forming_wait_s`` for company first."""
-    if devices <= 0:
+    Plays the queue forward the way ``form_batch`` takes it: the device free first takes
+    the oldest item's shape, in order, up to a batch's capacity, and no further than keeps
+    every item already in the batch done by when it is due, its time from now stretched
+    by ``stretch`` (the calibrated error; one late even so does not count: smaller
+    batches would not save it). So a new item
+    that would make an earlier one late rides in a batch of its own, later: an estimate
+    given to one client is not broken by the next one's admission. A batch that starts
+    on an idle device and is not full waits ``forming_wait_s`` for company first."""
+    if not free_in_s:
         return math.inf
-    counts: dict[Hashable, list[int]] = {}  # key -> [queued, new, pixels]
-    for key, pixels in ahead:
-        counts.setdefault(key, [0, 0, pixels])[0] += 1
-    for key, pixels in new:
-        counts.setdefault(key, [0, 0, pixels])[1] += 1
-    work = running_left_s
-    last = 0.0
-    for key, (queued, joining, pixels) in counts.items():
-        cap = capacity(pixels)
-        total = queued + joining
-        full, rest = divmod(total, cap)
-        sizes = [cap] * full + ([rest] if rest else [])
-        if joining:
-            tail = batch_s(key, pixels, sizes[-1])
-            if sizes[-1] < cap and queued == 0:
-                tail += forming_wait_s
-            last = max(last, tail)
-            sizes = sizes[:-1]
-        work += sum(batch_s(key, pixels, s) for s in sizes)
-    return work / devices + last
+    queue = [*ahead, *new]
+    if not queue:
+        return min(max(0.0, f) for f in free_in_s)
+    # Each shape's items in arrival order (indices into queue); the lead of the next
+    # batch is the oldest item left of any shape.
+    lines: dict[Hashable, deque[int]] = {}
+    for i, w in enumerate(queue):
+        lines.setdefault(w.key, deque()).append(i)
+    devices = [max(0.0, f) for f in free_in_s]
+    heapq.heapify(devices)
+    first_new, placed, done_at = len(ahead), 0, 0.0
+    while lines:
+        start = heapq.heappop(devices)
+        key = min(lines, key=lambda k: lines[k][0])
+        line = lines[key]
+        lead = queue[line[0]]
+        cap = capacity(lead.pixels)
+        taken: list[int] = []
+        soonest_due = math.inf
+        while line and len(taken) < cap:
+            done = (start + batch_s(key, lead.pixels, len(taken) + 1)) * stretch
+            if taken and done > soonest_due:
+                break
+            i = line.popleft()
+            taken.append(i)
+            if done <= queue[i].due_s:  # one late even so constrains nothing
+                soonest_due = min(soonest_due, queue[i].due_s)
+        if not line:
+            del lines[key]
+        if start <= 0.0 and len(taken) < cap:
+            start += forming_wait_s
+        end = start + batch_s(key, lead.pixels, len(taken))
+        heapq.heappush(devices, end)
+        arrived = sum(1 for i in taken if i >= first_new)
+        if arrived or not new:
+            done_at = max(done_at, end)
+        placed += arrived
+        if new and placed == len(new):
+            return done_at
+    return done_at

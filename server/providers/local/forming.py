@@ -4,6 +4,7 @@ the lock and calls them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ class Pending(Generic[T]):
     bulk: bool = False  # batch-job work: interactive items go first
     retried: bool = False  # its device died under it once; it runs again, once
     predicted_s: float | None = None  # the estimate at admission, to learn its error
+    # When its client needs it done (clock time; the router's deadline less what happens
+    # after the batcher): no batch grows so large that it would finish later than that.
+    due: float = math.inf
 
     def claim(self) -> bool:
         """Take the item for running (or for failing): False if its client has left."""
@@ -87,16 +91,21 @@ def company_hold(overhead_s: float, arrivals_per_s: float, policy: BatchPolicy) 
 
 def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy, *,
                idle_s: float = float("inf"),
-               hold_s: Callable[[Hashable], float] | None = None) -> Decision:
+               hold_s: Callable[[Hashable], float] | None = None,
+               batch_s: Callable[[Hashable, int, int], float] | None = None,
+               stretch: float = 1.0) -> Decision:
     """Pick the next batch: the oldest item's shape, in arrival order, within budget.
     Interactive items come before bulk ones: the oldest interactive item leads, and bulk
     items of its shape fill what room is left.
 
-    Closes when the batch is full (item count or pixel budget), or when the oldest item
-    has waited ``max_wait_s`` and the device has been free (``idle_s``) for the hold its
+    Closes when the batch is full (item count or pixel budget), or when one more item
+    (or waiting on) would make an item already in it finish after it is due (the batch's
+    measured cost ``batch_s(key, pixels, n)``, stretched by the calibrated error
+    ``stretch``; an item that is late even so does not count), or when the oldest item has
+    waited ``max_wait_s`` and the device has been free (``idle_s``) for the hold its
     shape's measured cost calls for (``hold_s``); otherwise says how long to wait. The
     first item is always admitted, even when it alone is over the pixel budget, so
-    nothing starves.
+    nothing starves. ``estimate.eta`` plays the queue forward by the same rule.
     """
     if not pending:
         return Decision()
@@ -104,19 +113,30 @@ def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy, *
         [i for i, p in enumerate(pending) if p.bulk]
     oldest = pending[order[0]]
     key = oldest.item.shape_key
+
+    def finish(n: int, start: float = now) -> float:
+        took = (start - now) + (batch_s(key, oldest.item.pixels, n) if batch_s else 0.0)
+        return now + took * stretch
+
     take: list[int] = []
     pixels = 0
+    soonest_due = math.inf
     full = False
     for i in order:
         p = pending[i]
         if p.item.shape_key != key:
             continue
         if take and (len(take) >= policy.max_batch
-                     or pixels + p.item.pixels > policy.max_batch_pixels):
+                     or pixels + p.item.pixels > policy.max_batch_pixels
+                     or (batch_s is not None and finish(len(take) + 1) > soonest_due)):
             full = True
             break
         take.append(i)
         pixels += p.item.pixels
+        if batch_s is not None and finish(len(take)) <= p.due:
+            # (One already late in the batch as it is constrains nothing: smaller
+            # batches would not save it, only slow the rest.)
+            soonest_due = min(soonest_due, p.due)
     # With nothing more of this shape waiting, a batch that could not take one more is full.
     full = (full or len(take) >= policy.max_batch
             or pixels + oldest.item.pixels > policy.max_batch_pixels)
@@ -124,6 +144,8 @@ def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy, *
         return Decision(take=tuple(take))
     waited = now - oldest.enqueued
     hold = hold_s(key) if hold_s is not None else 0.0
-    if waited >= policy.max_wait_s and idle_s >= hold:
+    wait_s = max(policy.max_wait_s - waited, hold - idle_s)
+    if wait_s <= 0 or (batch_s is not None
+                       and finish(len(take), now + wait_s) > soonest_due):
         return Decision(take=tuple(take))
-    return Decision(wait_s=max(policy.max_wait_s - waited, hold - idle_s))
+    return Decision(wait_s=wait_s)

@@ -71,11 +71,13 @@ class LocalImages:
             for f in futures:
                 f.result(self.timeout_s)
 
-    async def generate(self, job: ImageJob, *, bulk: bool = False) -> LocalRun:
+    async def generate(self, job: ImageJob, *, bulk: bool = False,
+                       due_in_s: float | None = None) -> LocalRun:
+        """``due_in_s``: when the client needs the images (see ``Batcher.submit``)."""
         try:
             futures = self.batcher.submit(
                 [ImageWork(item, job.output_format, job.output_compression)
-                 for item in job.items()], self.timeout_s, bulk=bulk)
+                 for item in job.items()], self.timeout_s, bulk=bulk, due_in_s=due_in_s)
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
