@@ -337,13 +337,12 @@ class Batcher(Generic[T, R]):
         with self._cond:
             self._costs.setdefault(first.shape_key, CostModel(first.pixels)).add(
                 len(batch), elapsed)
-            # What the estimate missed by, learnt from interactive items (the ones admitted
-            # by deadline; bulk work yields to later arrivals by design), and not from a
-            # retried item (its first device died under it).
+            # How far off the estimate was (finished / predicted), learnt from interactive
+            # items (the ones admitted by deadline; bulk work yields to later arrivals by
+            # design), and not from a retried item (its first device died under it).
             for p in batch:
-                if p.predicted_s is not None and not p.retried and not p.bulk:
-                    if p.predicted_s > 0:
-                        self._stretch.add((done - p.enqueued) / p.predicted_s, done)
+                if p.predicted_s and not p.retried and not p.bulk:
+                    self._stretch.add((done - p.enqueued) / p.predicted_s, done)
             self._rate.add(len(batch) / elapsed)
             self._batches += 1
             self._items_done += len(batch)
