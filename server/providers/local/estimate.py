@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
+from server.providers.local.forming import tighter_due
+
 
 def fit_line(observations: Iterable[tuple[int, float]]) -> tuple[float, float] | None:
     """``(overhead_s, per_item_s)`` from ``(batch size, seconds)`` pairs by least squares,
@@ -142,10 +144,9 @@ def eta(ahead: Sequence[Waiting], new: Sequence[Waiting], *, free_in_s: Sequence
     Plays the queue forward the way ``form_batch`` takes it: the device free first takes
     the oldest item's shape, in order, up to a batch's capacity, and no further than keeps
     every item already in the batch done by when it is due, its time from now stretched
-    by ``stretch`` (the calibrated error; one late even so does not count: smaller
-    batches would not save it). So a new item
-    that would make an earlier one late rides in a batch of its own, later: an estimate
-    given to one client is not broken by the next one's admission. A batch that starts
+    by ``stretch`` (the calibrated error; ``tighter_due``). So a new item that would make
+    an earlier one late rides in a batch of its own, later: an estimate given to one
+    client is not broken by the next one's admission. A batch that starts
     on an idle device and is not full waits ``forming_wait_s`` for company first."""
     if not free_in_s:
         return math.inf
@@ -174,8 +175,7 @@ def eta(ahead: Sequence[Waiting], new: Sequence[Waiting], *, free_in_s: Sequence
                 break
             i = line.popleft()
             taken.append(i)
-            if done <= queue[i].due_s:  # one late even so constrains nothing
-                soonest_due = min(soonest_due, queue[i].due_s)
+            soonest_due = tighter_due(soonest_due, done, queue[i].due_s)
         if not line:
             del lines[key]
         if start <= 0.0 and len(taken) < cap:

@@ -89,6 +89,13 @@ def company_hold(overhead_s: float, arrivals_per_s: float, policy: BatchPolicy) 
     return min(overhead_s, policy.max_hold_s)
 
 
+def tighter_due(soonest_due: float, done: float, due: float) -> float:
+    """The due a batch must keep once an item due at ``due`` is in it and the batch
+    would be ``done`` then: an item late even so constrains nothing (smaller batches
+    would not save it, only slow the rest). ``estimate.eta`` keeps the same rule."""
+    return min(soonest_due, due) if done <= due else soonest_due
+
+
 def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy, *,
                idle_s: float = float("inf"),
                hold_s: Callable[[Hashable], float] | None = None,
@@ -133,10 +140,8 @@ def form_batch(pending: Sequence[Pending[T]], now: float, policy: BatchPolicy, *
             break
         take.append(i)
         pixels += p.item.pixels
-        if batch_s is not None and finish(len(take)) <= p.due:
-            # (One already late in the batch as it is constrains nothing: smaller
-            # batches would not save it, only slow the rest.)
-            soonest_due = min(soonest_due, p.due)
+        if batch_s is not None:
+            soonest_due = tighter_due(soonest_due, finish(len(take)), p.due)
     # With nothing more of this shape waiting, a batch that could not take one more is full.
     full = (full or len(take) >= policy.max_batch
             or pixels + oldest.item.pixels > policy.max_batch_pixels)
