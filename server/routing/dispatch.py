@@ -72,7 +72,8 @@ class Dispatcher:
         self._spent: dict[str, float] = ledger.spent_today_by_route() if ledger else {}
         # What local image runs took beyond the batcher's estimate, from the decision to
         # the result back on the event loop (the hops the batcher cannot see; large when
-        # the HTTP side is loaded): its p95 is added to the estimate a deadline is held to.
+        # the HTTP side is loaded): a 95% bound on it is added to the estimate a deadline
+        # is held to.
         # (Chat answers are not: their length, unknown ahead, dominates their time.)
         self._image_lag = Calibration(quantile=0.95)
 

@@ -105,7 +105,7 @@ class Snapshot:
     items_per_s: float | None
     batches: int
     items_done: int
-    stretch: float = 1.0  # the p99 of finished / estimated, applied at admission
+    stretch: float = 1.0  # a 99% bound on finished / estimated, applied at admission
 
 
 class Batcher(Generic[T, R]):
@@ -130,7 +130,7 @@ class Batcher(Generic[T, R]):
         # device slot -> (started, expected_s, items) of the batch it runs now
         self._running: dict[int, tuple[float, float, int]] = {}
         self._costs: dict[Hashable, CostModel] = {}  # shape -> its measured batch costs
-        # How many times longer than estimated interactive items took (its p99).
+        # How many times longer than estimated interactive items took (a 99% bound).
         self._stretch = Calibration(quantile=0.99, empty=1.0)
         self._arrivals = Arrivals()
         self._free_since = [float("-inf")] * len(self.runners)  # when each device freed
@@ -194,7 +194,7 @@ class Batcher(Generic[T, R]):
 
     def estimated_wait(self, items: Sequence[T], *, bulk: bool = False) -> float:
         """Seconds until these items would be done if admitted now (interactive items
-        do not wait for queued bulk work), stretched by the p99 of how many times longer
+        do not wait for queued bulk work), stretched by a 99% bound on how many times longer
         than estimated past items took (never shrunk: an early guess from the prior
         would otherwise excuse every later miss): what admission by deadline compares.
         With no items: until the queue drains, as estimated."""

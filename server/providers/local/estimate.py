@@ -7,7 +7,7 @@ batch of n costs about ``overhead + n x per_item``, so a per-item average is opt
 for an item that lands in a small batch and says nothing about how long to wait for
 company. And why a learned error on top: whatever the model leaves out (forming waits,
 encoding, the host's own load) shows up as finished-over-predicted; admitting on the
-estimate stretched by the p99 of that ratio is what keeps locally admitted work within
+estimate stretched by a 99% bound on that ratio is what keeps locally admitted work within
 its deadline (``scripts/spill_bench.py`` reports the late share).
 """
 
@@ -66,14 +66,20 @@ class CostModel:
 
 
 class Calibration:
-    """A high quantile of recent observations: the last ``window`` of them, none older
-    than ``max_age_s``. The batcher feeds it how many times longer than estimated items
-    took (finished / predicted, so the margin it gives grows with the wait, as the noise
-    of a longer queue does); the router feeds it seconds. With fewer observations than
-    the quantile can tell apart (under 100 for the p99), it is the worst of them; with
-    none, ``empty``. The age limit keeps one bad stretch (a first call, a noisy minute)
-    from ruling for long: were it kept until enough newer ones came, a margin too wide to
-    admit anything would never see the newer ones."""
+    """A bound that the next observation stays within ``quantile`` of the time, from the
+    recent ones: the last ``window`` of them, none older than ``max_age_s``. The batcher
+    feeds it how many times longer than estimated items took (finished / predicted, so
+    the margin it gives grows with the wait, as the noise of a longer queue does); the
+    router feeds it seconds. With none, ``empty``.
+
+    Not the sample quantile: of n observations, the k-th largest is exceeded by the next
+    one with probability k / (n + 1) whatever their distribution, so the sample p99 of
+    120 (the second largest) is exceeded 1.65% of the time, and under overload nearly
+    every admitted job sits at that edge. The bound is the k-th largest with the largest
+    k that keeps k / (n + 1) within ``1 - quantile`` (the largest of them while n + 1 is
+    under 1 / (1 - quantile)). The age limit keeps one bad stretch (a first call, a noisy
+    minute) from ruling for long: were it kept until enough newer ones came, a margin
+    too wide to admit anything would never see the newer ones."""
 
     def __init__(self, window: int = 256, quantile: float = 0.99, *, empty: float = 0.0,
                  max_age_s: float = 60.0) -> None:
@@ -95,8 +101,8 @@ class Calibration:
             return self.empty
         if self._value is None:
             ordered = sorted(v for _, v in self._seen)
-            self._value = ordered[min(len(ordered) - 1,
-                                      math.ceil(self.quantile * len(ordered)) - 1)]
+            k = max(1, math.floor((1.0 - self.quantile) * (len(ordered) + 1) + 1e-9))
+            self._value = ordered[len(ordered) - k]
         return self._value
 
     def __len__(self) -> int:

@@ -127,11 +127,26 @@ def test_calibration_is_a_high_quantile_of_recent_observations() -> None:
     for i in range(198):
         cal.add(1.0 + i / 1000, 1.0)
     ordered = sorted([1.3, 0.9] + [1.0 + i / 1000 for i in range(198)])
-    assert cal.value(1.0) == ordered[197]  # the p99 of 200: the third worst
-    # A minute on, the first two have aged out.
-    assert cal.value(60.5) == sorted(1.0 + i / 1000 for i in range(198))[196]
+    assert cal.value(1.0) == ordered[198]  # of 200: the second worst (2 / 201 <= 1%)
+    # A minute on, the first two have aged out: of 198, the worst (2 / 199 > 1%).
+    assert cal.value(60.5) == max(1.0 + i / 1000 for i in range(198))
     # And once all have, it is empty again: a bad stretch does not rule for ever.
     assert cal.value(62.0) == 1.0
+
+
+@pytest.mark.parametrize("n", [99, 120, 256])
+def test_calibration_bound_is_exceeded_no_more_often_than_its_quantile_allows(n: int) -> None:
+    """What admission relies on: the next observation exceeds the bound learnt from the
+    last n at most 1% of the time, whatever their distribution (the sample p99 of 120,
+    the second largest, is exceeded 1.65% of the time)."""
+    rng = random.Random(n)
+    trials, exceeded = 6000, 0
+    for _ in range(trials):
+        cal = Calibration(window=n, quantile=0.99, max_age_s=1e9)
+        for _ in range(n):
+            cal.add(rng.lognormvariate(0.0, 0.3), 0.0)
+        exceeded += rng.lognormvariate(0.0, 0.3) > cal.value(0.0)
+    assert exceeded / trials <= 0.012  # 1%, and the sampling noise of 6,000 trials
 
 
 def test_arrivals_counts_the_last_window() -> None:
