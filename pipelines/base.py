@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
+
+VaeChoice = Literal["full", "tiny"]
+VAE_CHOICES: tuple[VaeChoice, ...] = ("full", "tiny")
+ShapeKey = tuple[str, int, int, int, float, float, str]
+Picture = np.ndarray  # one made image: height x width x 3, uint8
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                  "fp32": torch.float32}
+
+
+class NotFinite(RuntimeError):
+    """One item decoded to NaN or infinite pixels, also when decoded again in fp32: it
+    fails on its own (a black picture is never sent as a success); its batch-mates keep
+    their images."""
 
 
 @dataclass(frozen=True)
@@ -21,15 +36,19 @@ class ImageItem:
     # image-to-image: the source picture (already width x height) and how far to move from it
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)
     strength: float = 0.0
+    # which decoder turns latents into pixels: the model's own VAE, or the tiny one
+    # (TAESDXL: several times faster, a little softer)
+    vae: VaeChoice = "full"
 
     @property
     def kind(self) -> str:
         return "text2img" if self.init_image is None else "img2img"
 
     @property
-    def shape_key(self) -> tuple[str, int, int, int, float, float]:
-        """Items with equal keys can share one pipeline call."""
-        return (self.kind, self.width, self.height, self.steps, self.guidance, self.strength)
+    def shape_key(self) -> ShapeKey:
+        """Items with equal keys can share one pipeline call (one decoder per call)."""
+        return (self.kind, self.width, self.height, self.steps, self.guidance, self.strength,
+                self.vae)
 
     @property
     def pixels(self) -> int:
@@ -46,6 +65,14 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (SDXL-Turbo ships fp16 weights), fp32 on CPU (fp16 conv is slow there)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """``auto``: bf16 on a CUDA device that has it (fp32's range, so the SDXL VAE decodes
+    without an fp32 upcast), else fp16 there; fp32 on the CPU (half-precision convolutions
+    are slow there). ``bf16``, ``fp16`` and ``fp32`` are taken as given."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"dtype {requested!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

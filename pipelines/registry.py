@@ -40,6 +40,7 @@ class ModelSpec:
     hub_patterns: tuple[str, ...]  # only what loading needs: no pickles, no duplicates
     hub_variant: str | None
     fetch_names: tuple[str, ...]  # what `spillway weights fetch NAME` accepts
+    extras: tuple[str, ...] = ()  # model ids fetched along with this one
 
 
 SDXL = ModelSpec(
@@ -50,6 +51,27 @@ SDXL = ModelSpec(
                   "*/*.fp16.safetensors"),
     hub_variant="fp16",
     fetch_names=("sdxl-turbo",),
+    extras=("sdxl-vae-fp16-fix",),
+)
+# TAESDXL, the tiny SDXL decoder (MIT): an opt-in per request (`vae: "tiny"`), several
+# times faster than the full VAE and a little softer.
+TAESDXL = ModelSpec(
+    model_id="taesdxl",
+    hub_repo="madebyollin/taesdxl",
+    folders={"hub": "taesdxl", "random-full": "taesdxl-random", "tiny": "taesdxl-tiny"},
+    hub_patterns=("config.json", "diffusion_pytorch_model.safetensors"),
+    hub_variant=None,
+    fetch_names=("taesdxl",),
+)
+# The SDXL VAE fine-tuned to stay finite in fp16 (MIT): what SPILLWAY_ENGINE__DTYPE=fp16
+# decodes with instead of an fp32 upcast per call. bf16 (the default on CUDA) needs neither.
+SDXL_VAE_FP16 = ModelSpec(
+    model_id="sdxl-vae-fp16-fix",
+    hub_repo="madebyollin/sdxl-vae-fp16-fix",
+    folders={"hub": "sdxl-vae-fp16-fix"},
+    hub_patterns=("config.json", "diffusion_pytorch_model.safetensors"),
+    hub_variant=None,
+    fetch_names=("sdxl-vae-fp16-fix",),
 )
 # Qwen3-VL-4B-Instruct: Apache-2.0, strong at OCR, charts, documents and Chinese text, and
 # small enough (4B, ~9 GB in bf16) to share one GPU with SDXL-Turbo. README says more.
@@ -61,7 +83,7 @@ VLM = ModelSpec(
     hub_variant=None,
     fetch_names=("qwen3-vl-4b", "qwen3-vl-4b-instruct", "local-vlm", "vlm"),
 )
-SPECS = (SDXL, VLM)
+SPECS = (SDXL, VLM, TAESDXL, SDXL_VAE_FP16)
 MODEL_ID = SDXL.model_id
 HUB_REPO = SDXL.hub_repo
 FOLDERS = SDXL.folders
@@ -109,7 +131,8 @@ def describe(folder: Path, spec: ModelSpec = SDXL) -> WeightsInfo:
 
 def list_weights(weights_dir: Path, spec: ModelSpec = SDXL) -> list[WeightsInfo]:
     """Every weights folder of this model present, best first."""
-    found = (_read(weights_dir / spec.folders[src], src, spec) for src in PREFERENCE)
+    found = (_read(weights_dir / spec.folders[src], src, spec)
+             for src in PREFERENCE if src in spec.folders)
     return [info for info in found if info is not None]
 
 
@@ -151,11 +174,53 @@ def build_tiny_vlm(weights_dir: Path) -> WeightsInfo:
     return _save([model, processor], weights_dir, VLM, "tiny")
 
 
+def build_tiny_vae(weights_dir: Path) -> WeightsInfo:
+    from pipelines.sdxl_random import build_tiny_vae as build
+
+    return _save([build("tiny")], weights_dir, TAESDXL, "tiny")
+
+
+# The class each tiny build has now. A tiny folder of another class is an older build (the
+# tiny VLM was LLaVA before it became Qwen3-VL, the real default's class) and is rebuilt.
+TINY_MODEL_TYPES = {VLM.model_id: "qwen3_vl"}
+
+
+def _outdated_tiny(info: WeightsInfo) -> bool:
+    """Only tiny builds are judged (one small JSON read); real weights never are."""
+    wanted = TINY_MODEL_TYPES.get(info.model_id)
+    config = info.path / "config.json"
+    if info.source != "tiny" or wanted is None or not config.is_file():
+        return False
+    return bool(json.loads(config.read_text()).get("model_type") != wanted)
+
+
 def ensure_default(weights_dir: Path) -> list[WeightsInfo]:
-    """The best weights present for each model, building the tiny one where there are none."""
-    builders = {SDXL.model_id: build_tiny, VLM.model_id: build_tiny_vlm}
-    return [best_weights(weights_dir, spec) or builders[spec.model_id](weights_dir)
-            for spec in SPECS]
+    """The best weights present for each model, building the tiny one where there are none
+    or only an outdated tiny build (the fp16-fix VAE has no tiny build: it only matters
+    with real weights)."""
+    builders = {SDXL.model_id: build_tiny, VLM.model_id: build_tiny_vlm,
+                TAESDXL.model_id: build_tiny_vae}
+    found = []
+    for spec in SPECS:
+        if spec.model_id not in builders:
+            continue
+        info = best_weights(weights_dir, spec)
+        if info is None or _outdated_tiny(info):
+            info = builders[spec.model_id](weights_dir)
+        found.append(info)
+    return found
+
+
+def decoders_for(sdxl: WeightsInfo, weights_dir: Path
+                 ) -> tuple[WeightsInfo | None, WeightsInfo | None]:
+    """(tiny VAE, fp16-fix VAE) to serve beside these SDXL weights. Real weights get only
+    real decoders (a random one would turn real latents into noise); random weights take
+    any, their pictures are noise anyway."""
+    tiny = best_weights(weights_dir, TAESDXL)
+    fix = best_weights(weights_dir, SDXL_VAE_FP16)
+    if sdxl.source == "hub" and tiny is not None and tiny.source != "hub":
+        tiny = None
+    return tiny, fix
 
 
 def build_random_full(weights_dir: Path, device: str = "auto",
@@ -164,8 +229,10 @@ def build_random_full(weights_dir: Path, device: str = "auto",
     (``size="tiny"`` takes the same path with the tiny configs, for tests)."""
     from pipelines.base import pick_device
     from pipelines.sdxl_random import build_sdxl
+    from pipelines.sdxl_random import build_tiny_vae as build_vae
 
     pipe = build_sdxl(size, dtype=torch.float16, device=pick_device(device))
+    _save([build_vae(size)], weights_dir, TAESDXL, "random-full")
     return _save([pipe], weights_dir, SDXL, "random-full", variant="fp16")
 
 
@@ -178,8 +245,16 @@ def spec_for(name: str) -> ModelSpec:
 
 
 def fetch(name: str, weights_dir: Path, endpoint: str | None = None) -> WeightsInfo:
-    """Download the real weights with huggingface_hub (needs a network)."""
+    """Download the real weights with huggingface_hub (needs a network), and the models
+    that go with them (``extras``)."""
     spec = spec_for(name)
+    info = _fetch_one(spec, weights_dir, endpoint)
+    for extra in spec.extras:
+        _fetch_one(spec_for(extra), weights_dir, endpoint)
+    return info
+
+
+def _fetch_one(spec: ModelSpec, weights_dir: Path, endpoint: str | None) -> WeightsInfo:
     from huggingface_hub import snapshot_download
 
     target = weights_dir / spec.folders["hub"]

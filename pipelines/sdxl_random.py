@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerAncestralDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -171,3 +172,19 @@ def build_sdxl(size: Size, seed: int = 0, dtype: torch.dtype = torch.float32,
         scheduler=EulerAncestralDiscreteScheduler(**SCHEDULER_CONFIG),
     )
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+# TAESDXL's architecture (diffusers' AutoencoderTiny defaults) and a tiny one like it: four
+# blocks, so the latent is 1/8 of the picture as with the full VAE.
+TINY_VAE_CONFIGS: dict[Size, dict[str, Any]] = {
+    "tiny": {"encoder_block_out_channels": (8, 8, 8, 8),
+             "decoder_block_out_channels": (8, 8, 8, 8),
+             "num_encoder_blocks": (1, 1, 1, 1), "num_decoder_blocks": (1, 1, 1, 1)},
+    "full": {},
+}
+
+
+def build_tiny_vae(size: Size, seed: int = 0) -> AutoencoderTiny:
+    """A random-weight TAESDXL-class decoder (``vae: "tiny"``) of the given size."""
+    torch.manual_seed(seed)
+    return AutoencoderTiny(latent_channels=4, **TINY_VAE_CONFIGS[size])

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -19,6 +21,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.utils import is_torchvision_available
 
 log = logging.getLogger(__name__)
 
@@ -69,55 +72,179 @@ def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
+def ensure_qwen3vl_processor() -> None:
+    """Let ``AutoProcessor`` build a Qwen3-VL processor on a machine without torchvision.
+
+    In transformers 5 a Qwen3-VL processor has a video processor, and both its lookup paths
+    sit behind torchvision: the ``VideoProcessorMixin`` name the processor checks its parts
+    against is only exported by ``transformers`` with torchvision installed, and the
+    ``AutoVideoProcessor`` mapping for Qwen3-VL is only filled then. CPU machines have no
+    usable torchvision (FACTS.md), yet the images and text here never touch video. So this
+    puts the name on the module object ``processing_utils`` resolves names from, and
+    registers the video processor class (importable without torchvision; only processing
+    a video would need it). Idempotent; a no-op where transformers sees torchvision (the
+    GPU boxes), since it has done both itself there.
+    """
+    if is_torchvision_available():
+        return
+    from transformers import Qwen3VLConfig, processing_utils
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    module = processing_utils.transformers_module  # not the `transformers` object itself
+    if not hasattr(module, "VideoProcessorMixin"):
+        module.VideoProcessorMixin = VideoProcessorMixin
+    AutoVideoProcessor.register(Qwen3VLConfig, Qwen3VLVideoProcessor, exist_ok=True)
+
+
 def pick_vlm_dtype(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+class _StreamDetokenizer:
+    """Incremental decoding with the fast tokenizer's own ``DecodeStream``: each token costs
+    a decode of a few tokens, not of the whole row, and a piece comes out only once its
+    characters are whole (a character split across byte-level tokens waits)."""
+
+    def __init__(self, backend: Tokenizer) -> None:
+        self.backend = backend
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.chars = 0  # how much of the row's text has come out
+        self.held = False  # tokens in that have not come out as text yet
+        self.broken = False
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        piece = None
+        if not self.broken:
+            try:
+                piece = self.stream.step(self.backend, token)
+            except Exception:  # a decoder whose text is not prefix-stable: flush() catches up
+                log.debug("DecodeStream gave up on a row", exc_info=True)
+                self.broken = True
+        self.held = piece is None
+        self.chars += len(piece or "")
+        return piece or ""
+
+    def flush(self) -> str:
+        """The rest of the text when no more tokens come: an unfinished character, or text
+        that ends in U+FFFD and so looked unfinished. One whole decode, once per row."""
+        if not self.held:
+            return ""
+        self.held = False
+        text: str = self.backend.decode(self.ids, skip_special_tokens=True)
+        rest, self.chars = text[self.chars:], len(text)
+        return rest
+
+
+class _OffsetDetokenizer:
+    """The same for any tokenizer with only ``decode``: decode a short window (the tokens
+    of the last piece as context, then the new ones) and let out what it adds, once it
+    no longer ends in half a character (U+FFFD)."""
+
+    def __init__(self, decode: Callable[..., str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # the window starts here: context for how the next tokens join on
+        self.read = 0  # text of ids[:read] has come out
+
+    def _window(self, end: int) -> str:
+        return self.decode(self.ids[self.prefix:end], skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        seen, now = self._window(self.read), self._window(len(self.ids))
+        if len(now) <= len(seen) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(seen):]
+
+    def flush(self) -> str:
+        rest = self._window(len(self.ids))[len(self._window(self.read)):]
+        self.prefix = self.read = len(self.ids)
+        return rest
+
+
+def detokenizer(tokenizer: Any) -> _StreamDetokenizer | _OffsetDetokenizer:
+    """Incremental decoding for a row: DecodeStream on a fast tokenizer's backend, else
+    windows of ``tokenizer.decode``. Special tokens are skipped; no clean-up of spaces
+    (the Qwen tokenizers have it off)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, Tokenizer):
+        return _StreamDetokenizer(backend)
+    return _OffsetDetokenizer(tokenizer.decode)
+
+
 class _Row:
-    """Decoding state of one row: its tokens, its text, what it has streamed."""
+    """Decoding state of one row: its tokens, its text, what it has streamed.
+
+    The text grows a piece at a time. The last ``hold`` characters (one less than the
+    longest stop string) stay in ``tail``, where a stop string that is still forming can
+    be cut; the rest is settled, streamed, and never looked at again: O(1) per token.
+    """
 
     def __init__(self, item: ChatItem, tokenizer: Any, eos: set[int]) -> None:
         self.item = item
-        self.tokenizer = tokenizer
         self.eos = eos
+        self.detok = detokenizer(tokenizer)
         self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
+        self.settled: list[str] = []
+        self.tail = ""
         self.finish: str | None = None
         self.hold = max((len(s) for s in item.stop), default=1) - 1
+
+    @property
+    def text(self) -> str:
+        return "".join(self.settled) + self.tail
 
     def push(self, token: int) -> None:
         if self.finish is not None:
             return
         if self.item.cancel is not None and self.item.cancel.is_set():
-            self.finish = "stop"
+            self.finish = "stop"  # nobody reads the rest
             return
         if token in self.eos:
-            self.finish = "stop"
-        else:
-            self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            cut = min((i for i in (self.text.find(s) for s in self.item.stop) if i >= 0),
-                      default=-1)
-            if cut >= 0:
-                self.text, self.finish = self.text[:cut], "stop"
-            elif len(self.ids) >= self.item.max_tokens:
-                self.finish = "length"
-        self._stream()
-
-    def _stream(self) -> None:
-        if self.item.on_text is None:
+            self.end("stop")
             return
-        end = len(self.text)
+        self.ids.append(token)
+        self._add(self.detok.step(token))
+        if self.finish is None and len(self.ids) >= self.item.max_tokens:
+            self.end("length")
+
+    def end(self, reason: str) -> str:
+        """No more tokens: what the detokenizer still holds joins the text, all of it goes
+        out. Returns the verdict (a stop string in that last text makes it "stop")."""
+        self._add(self.detok.flush())
         if self.finish is None:
-            end -= self.hold  # a stop string may still be forming
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1  # half a UTF-8 character: wait for the rest
-        if end > self.sent:
-            self.item.on_text(self.text[self.sent:end])
-            self.sent = end
+            self.finish = reason
+            self._settle(keep=0)
+        return self.finish
+
+    def _add(self, piece: str) -> None:
+        if not piece or self.finish is not None:
+            return
+        # A stop string that ends in this piece starts at most `hold` characters before it,
+        # inside the tail; one that ended earlier was cut then.
+        self.tail += piece
+        found = [at for at in (self.tail.find(s) for s in self.item.stop) if at >= 0]
+        if found:
+            self.tail, self.finish = self.tail[:min(found)], "stop"
+            self._settle(keep=0)
+        else:
+            self._settle(keep=self.hold)
+
+    def _settle(self, keep: int) -> None:
+        done = len(self.tail) - keep
+        if done <= 0:
+            return
+        piece, self.tail = self.tail[:done], self.tail[done:]
+        self.settled.append(piece)
+        if self.item.on_text is not None:
+            self.item.on_text(piece)
 
 
 class _RowStops(StoppingCriteria):  # type: ignore[misc]
@@ -150,6 +277,7 @@ class Prompts:
 
     @classmethod
     def load(cls, folder: str | Path) -> Prompts:
+        ensure_qwen3vl_processor()
         return cls(AutoProcessor.from_pretrained(str(folder), local_files_only=True),
                    AutoConfig.from_pretrained(str(folder), local_files_only=True))
 
@@ -194,6 +322,7 @@ class VisionLanguageModel:
 
     @classmethod
     def load(cls, folder: str | Path, device: torch.device) -> VisionLanguageModel:
+        ensure_qwen3vl_processor()
         processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
         model = AutoModelForImageTextToText.from_pretrained(
             str(folder), dtype=pick_vlm_dtype(device), use_safetensors=True,
@@ -241,8 +370,6 @@ class VisionLanguageModel:
         # 3. Rows the loop ended without a verdict ran out of max_new_tokens.
         results = []
         for row, n_prompt in zip(rows, prompt_tokens, strict=True):
-            if row.finish is None:
-                row.finish = "length"
-                row._stream()
-            results.append(ChatResult(row.text, row.finish, int(n_prompt), len(row.ids)))
+            finish = row.finish or row.end("length")
+            results.append(ChatResult(row.text, finish, int(n_prompt), len(row.ids)))
         return results

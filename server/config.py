@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,6 +50,31 @@ class EngineSettings(BaseModel):
     restart_backoff_s: float = Field(1.0, gt=0, description="a worker whose start failed "
                                      "is tried again after this, then twice as long each "
                                      "time, at most a minute")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="the image model's weights and activations: `auto` is bf16 on "
+        "a CUDA device that has it (the VAE then decodes with no fp32 upcast), fp16 on "
+        "older GPUs, fp32 on the CPU. fp16 decodes with the fp16-fix VAE when it is present "
+        "(`spillway weights fetch sdxl-turbo` fetches it), else upcasts each decode to fp32")
+    compile: bool = Field(
+        False, description="torch.compile the UNet and the VAE decoders for the shapes in "
+        "`warm_buckets`, at start-up (before /readyz turns 200); other shapes run eagerly "
+        "and nothing is ever compiled on the request path")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs",
+                          "max-autotune"] = Field(
+        "default", description="torch.compile's mode (README: which one was measured)")
+    compile_backend: str = Field("inductor", description="torch.compile's backend")
+    warm_buckets: list[str] = Field(
+        default_factory=lambda: ["512x512@1", "512x512@4", "512x512@8", "512x512@16"],
+        description="WIDTHxHEIGHT@BATCH shapes compiled and warmed at start-up; a batch of "
+        "another size runs as chunks of these sizes, padded")
+
+    @field_validator("warm_buckets")
+    @classmethod
+    def _buckets(cls, v: list[str]) -> list[str]:
+        from pipelines.buckets import parse_buckets
+
+        parse_buckets(v)  # a ValueError names the bad one
+        return v
 
     def worker_devices(self, cuda_count: int, vlm: bool = True) -> list[str]:
         """The image model's worker processes ([] = the pipeline in this process); ``vlm``:
@@ -115,6 +140,9 @@ class ImageSettings(BaseModel):
     default_strength: float = Field(0.5, gt=0, le=1, description="images/edits")
     url_ttl_s: int = Field(3600, ge=1, description="how long `url` responses stay fetchable")
     url_store_mb: int = Field(512, ge=1, description="memory for `url` images; oldest go first")
+    fast_qualities: list[str] = Field(
+        default_factory=list, description="qualities decoded with the tiny VAE (TAESDXL) "
+        "when it is installed, e.g. [\"low\"]; a request may also ask with `vae`")
 
     @model_validator(mode="after")
     def _bounds(self) -> ImageSettings:

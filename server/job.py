@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from pipelines.base import ImageItem
+from pipelines.base import ImageItem, VaeChoice
 from pipelines.vlm import ChatItem, ChatResult
 
 
@@ -28,16 +28,19 @@ class ImageJob:
     # images/edits: source pictures, already width x height; output i edits source i % len
     init_images: list[Image.Image] = field(default_factory=list, repr=False)
     strength: float = 0.0
+    # the decoder the request asked for (extension field `vae`); None: by quality
+    # (images.fast_qualities), where the image is made locally
+    vae: VaeChoice | None = None
 
     @property
     def n(self) -> int:
         return len(self.seeds)
 
-    def items(self) -> list[ImageItem]:
+    def items(self, vae: VaeChoice = "full") -> list[ImageItem]:
         sources = self.init_images
         return [ImageItem(self.prompt, seed, self.width, self.height, self.steps,
                           init_image=sources[i % len(sources)] if sources else None,
-                          strength=self.strength if sources else 0.0)
+                          strength=self.strength if sources else 0.0, vae=vae)
                 for i, seed in enumerate(self.seeds)]
 
 

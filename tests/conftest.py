@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from pipelines.registry import build_tiny, build_tiny_vlm
+from pipelines.registry import build_tiny, build_tiny_vae, build_tiny_vlm
 from server.config import Settings
 
 
@@ -41,6 +41,7 @@ def _engine_in_process() -> None:
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weights")
     build_tiny(root)
+    build_tiny_vae(root)
     build_tiny_vlm(root)
     return root
 

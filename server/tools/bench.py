@@ -166,7 +166,7 @@ def compare(settings: Settings, *, clients: int, requests: int, size: str, steps
              ("one-at-a-time", BatchPolicy(max_batch=1, max_queue=settings.batch.max_queue))]
     results = []
     for mode, policy in modes:
-        local = LocalImages(catalog.IMAGE_MODEL, weights, engine.text2img, policy,
+        local = LocalImages(catalog.IMAGE_MODEL, weights, engine.generate, policy,
                             settings.batch.default_timeout_s)
         results.append(_run_mode(mode, settings, local, clients, requests, body))
     print(f"spillway bench: {weights.label} on {engine.device.type} "
@@ -197,7 +197,7 @@ def compare_workers(settings: Settings, *, clients: int, requests: int, size: st
                                "steps": steps, "response_format": "b64_json"}
     engine, weights = load_engine(settings)
     threads = torch.get_num_threads()
-    local = LocalImages(catalog.IMAGE_MODEL, weights, engine.run, batch_policy(settings),
+    local = LocalImages(catalog.IMAGE_MODEL, weights, engine.generate, batch_policy(settings),
                         settings.batch.default_timeout_s)
     results = [_run_mode("in-process", settings, local, clients, requests, body)]
     del engine, local

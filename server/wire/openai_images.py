@@ -67,6 +67,9 @@ class ImageGenerationRequest(WireModel):
     # Spillway extensions
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=4)
+    # the decoder, where the image is made locally: the model's own VAE, or TAESDXL
+    # (several times faster, a little softer); default: by quality (images.fast_qualities)
+    vae: Literal["full", "tiny"] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -165,6 +168,7 @@ def to_image_job(req: ImageGenerationRequest, model: str, limits: ImageSettings)
         output_format=req.output_format or "png",
         output_compression=req.output_compression,
         user=req.user,
+        vae=req.vae,
     )
 
 

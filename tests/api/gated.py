@@ -7,9 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from PIL import Image
-
-from pipelines.base import ImageItem
+from pipelines.base import ImageItem, NotFinite, Picture
 from pipelines.sdxl_turbo import SDXLTurbo
 
 
@@ -24,13 +22,13 @@ class Device:
         self.calls: list[list[str]] = []
         self.fail_on = "boom"
 
-    def text2img(self, items: list[ImageItem]) -> list[Image.Image]:
+    def generate(self, items: list[ImageItem]) -> list[Picture | NotFinite]:
         self.busy.set()
         assert self.gate.wait(60)
         self.calls.append([i.prompt for i in items])
         if any(self.fail_on in i.prompt for i in items):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return self.engine.text2img(items)
+        return self.engine.generate(items)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:

@@ -364,7 +364,7 @@ def test_router_spills_gemini_calls_to_gemini(tiny_weights: Path, device: Device
                                   timeout_s=5.0),
             router=RouterSettings(image_provider="gemini", rate_limits=roomy))
         settings.images.default_size = "256x256"
-        local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 60)
+        local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings), 60)
         with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base:
             config = types.GenerateContentConfig(response_modalities=["IMAGE"], seed=2)
             client = sdk(base, "v1")
@@ -420,7 +420,7 @@ def test_full_queue_is_resource_exhausted_with_retry_info(
     settings = Settings(weights_dir=tiny_weights, ledger_url=f"sqlite:///{tmp_path}/l.db",
                         batch=BatchSettings(max_queue=10, warmup=False))
     settings.images.default_size = "256x256"
-    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 60)
+    local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings), 60)
     with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base:
         device.gate.clear()
         with ThreadPoolExecutor(2) as pool:

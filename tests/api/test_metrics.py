@@ -44,7 +44,7 @@ def server(tiny_weights: Path, device: Device, weights: WeightsInfo, oa: Any
         openai=OpenAISettings(api_key=SecretStr("sk-test-metrics-0123456789"),
                               base_url=oa.base_url, timeout_s=2.0),
         router=RouterSettings(rate_limits=ROOMY, breaker_failures=1, breaker_cooldown_s=600))
-    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 60)
+    local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings), 60)
     with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base:
         yield base
 

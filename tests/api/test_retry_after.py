@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
-from PIL import Image
 
-from pipelines.base import ImageItem
+from pipelines.base import ImageItem, NotFinite, Picture
 from pipelines.registry import MODEL_ID, WeightsInfo
 from server.app import create_app
 from server.config import Settings
@@ -45,10 +45,10 @@ class GatedDevice:
         self.gate = threading.Event()
         self.busy = threading.Event()
 
-    def text2img(self, items: list[ImageItem]) -> list[Image.Image]:
+    def generate(self, items: list[ImageItem]) -> list[Picture | NotFinite]:
         self.busy.set()
         assert self.gate.wait(120)
-        return [Image.new("RGB", (i.width, i.height)) for i in items]
+        return [np.zeros((i.height, i.width, 3), np.uint8) for i in items]
 
 
 class CountingRetries(openai.OpenAI):
@@ -86,7 +86,7 @@ def full_queue(tmp_path: Path) -> Iterator[str]:
     settings = Settings(weights_dir=tmp_path)
     device = GatedDevice()
     weights = WeightsInfo(MODEL_ID, "tiny", tmp_path)
-    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 120)
+    local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings), 120)
     assert settings.batch.max_queue == 256
     with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base, \
             ThreadPoolExecutor(32) as pool:

@@ -68,7 +68,7 @@ def server(tiny_weights: Path, device: Device, weights: WeightsInfo, fakes: tupl
         gemini=GeminiSettings(api_key=SecretStr(GEMINI_KEY) if keys else None,
                               base_url=gm.url, timeout_s=2.0),
         router=RouterSettings(**{"rate_limits": ROOMY, **router}))
-    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings), 60)
+    local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings), 60)
     with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base:
         yield base
 

@@ -33,7 +33,7 @@ from tests.ledger_rows import ledger_rows
 
 def start(device: Device, weights: WeightsInfo, tiny_weights: Path, **batch: Any):
     settings = Settings(weights_dir=tiny_weights, batch=BatchSettings(**{"warmup": False, **batch}))
-    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings),
+    local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings),
                         settings.batch.default_timeout_s)
     return serve(create_app(settings, loader=lambda _: local)), local
 
@@ -121,7 +121,7 @@ def test_a_client_that_leaves_is_accounted_and_gets_its_quota_back(
     url = f"sqlite:///{tmp_path}/l.db"
     key = KeyStore(Ledger(url)).create("three", daily_images=3)
     settings = Settings(weights_dir=tiny_weights, ledger_url=url)
-    local = LocalImages(MODEL_ID, weights, device.text2img, batch_policy(settings),
+    local = LocalImages(MODEL_ID, weights, device.generate, batch_policy(settings),
                         settings.batch.default_timeout_s)
     auth = {"authorization": f"Bearer {key}"}
     with serve(create_app(settings, loader=lambda _: local, chat_loader=None)) as base, \
@@ -189,7 +189,7 @@ def test_not_ready_until_loaded(weights, engine, tiny_weights) -> None:
 
     def slow_loader(s: Settings) -> LocalImages:
         assert release.wait(60)
-        return LocalImages(MODEL_ID, weights, engine.text2img, batch_policy(s), 60)
+        return LocalImages(MODEL_ID, weights, engine.generate, batch_policy(s), 60)
 
     with serve(create_app(settings, loader=slow_loader), wait_ready=False) as base:
         assert httpx.get(f"{base}/healthz").status_code == 200

@@ -351,7 +351,10 @@ class Batcher(Generic[T, R]):
             # Attached before the result, so whoever wakes on it can read it.
             p.future.spillway_timing = Timing(  # type: ignore[attr-defined]
                 started - p.enqueued, elapsed / len(batch), len(batch))
-            p.future.set_result(result)
+            if isinstance(result, BaseException):  # this item failed alone (NotFinite)
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
         return True
 
     def _report(self, batch: list[Pending[T]], started: float, elapsed: float, ok: bool

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+from pipelines.base import NotFinite
 from pipelines.vlm import ChatItem, ChatResult
 from server.providers.local.engine_child import EngineSpec, main
 from server.providers.local.work import (
@@ -288,7 +289,7 @@ class EngineWorker:
 class EngineProcess(EngineWorker):
     """An image worker: a batch of images in, encoded bytes out."""
 
-    def run(self, works: list[ImageWork]) -> list[bytes]:
+    def run(self, works: list[ImageWork]) -> list[bytes | NotFinite]:
         answer = self._exchange(RunBatch([WireItem.of(w) for w in works]))
         if not isinstance(answer, Ran):
             raise RuntimeError(f"{self.name} answered {type(answer).__name__} to images")

@@ -55,6 +55,13 @@ class EngineSpec:
     max_side: int = 1024
     torch_threads: int = 1
     kind: Literal["sdxl", "vlm"] = "sdxl"  # the image pipeline, or the vision-language model
+    dtype: str = "auto"  # auto, bf16, fp16, fp32 (pipelines.base.pick_dtype)
+    tiny_vae: str | None = None  # TAESDXL's folder, when one is served
+    fp16_vae: str | None = None  # the fp16-fix VAE's folder (used only in fp16)
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    warm_buckets: tuple[str, ...] = ()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -111,24 +118,53 @@ class _Inbox:
         self.queue.put(Stop())
 
 
+def load_sdxl(spec: EngineSpec, device: str) -> tuple[SDXLTurbo, str]:
+    """The image pipeline as a spec says, on ``device`` (an engine worker's, or this
+    process's): loaded, tuned, its buckets compiled and warmed, its memory measured.
+    Returns it and a one-line description."""
+    import torch
+
+    from pipelines.buckets import parse_buckets
+    from pipelines.sdxl_turbo import Limits, SDXLTurbo
+
+    engine = SDXLTurbo.load(spec.folder, torch.device(device), variant=spec.variant,
+                            dtype=spec.dtype, xformers=spec.xformers,
+                            limits=Limits(min_side=spec.min_side, max_side=spec.max_side),
+                            tiny_vae=spec.tiny_vae, fp16_vae=spec.fp16_vae)
+    parts = [spec.device, str(engine.dtype).removeprefix("torch."), engine.attention,
+             "vae " + "+".join(engine.vaes) + (" (fp32 decode)" if engine.upcast else "")]
+    buckets = parse_buckets(list(spec.warm_buckets))
+    if spec.compile and buckets:
+        took = engine.compile(buckets, backend=spec.compile_backend,
+                              mode=None if spec.compile_mode == "default" else spec.compile_mode)
+        for bucket, vae, seconds in took:
+            log.info("compiled and warmed %s with the %s VAE in %.1f s", bucket, vae, seconds)
+        parts.append(f"compiled {len(buckets)} buckets ({spec.compile_mode}) in "
+                     f"{sum(t for _, _, t in took):.0f} s")
+    if engine.device.type == "cuda":
+        # The largest batch of each warmed size says how much an image of that size needs.
+        largest: dict[tuple[int, int], int] = {}
+        for b in buckets or parse_buckets(["512x512@4"]):
+            largest[(b.width, b.height)] = max(b.batch, largest.get((b.width, b.height), 0))
+        for (width, height), batch in largest.items():
+            engine.measure_memory(width, height, batch)
+        if engine.bytes_per_pixel:
+            parts.append(f"{engine.bytes_per_pixel * 512 * 512 / 2**20:.0f} MiB per "
+                         "512x512 image at peak")
+    return engine, ", ".join(parts)
+
+
 class _Images:
     def __init__(self, spec: EngineSpec, device: str) -> None:
-        import torch
-
-        from pipelines.sdxl_turbo import Limits, SDXLTurbo
-
-        self.engine: SDXLTurbo = SDXLTurbo.load(
-            spec.folder, torch.device(device), variant=spec.variant, xformers=spec.xformers,
-            limits=Limits(min_side=spec.min_side, max_side=spec.max_side))
-        dtype = str(self.engine.pipe.dtype).removeprefix("torch.")
-        self.description = f"{spec.device}, {dtype}, {self.engine.attention}"
+        self.engine: SDXLTurbo
+        self.engine, self.description = load_sdxl(spec, device)
 
     def run(self, msg: RunBatch) -> Ran:
         from server.providers.local.work import encode_all
 
         works = [w.work() for w in msg.items]
         started = time.perf_counter()
-        images = encode_all(self.engine.run([w.item for w in works]), works)
+        images = encode_all(self.engine.generate([w.item for w in works]), works)
         return Ran(images, time.perf_counter() - started)
 
 

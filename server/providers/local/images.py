@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image
-
-from pipelines.base import ImageItem
+from pipelines.base import ImageItem, NotFinite, VaeChoice
 from pipelines.registry import WeightsInfo
-from server.errors import queue_full, shutting_down
+from server.errors import bad_request, queue_full, shutting_down
 from server.job import ImageJob, OutImage
 from server.media.encode import MEDIA_TYPES
 from server.providers.local.batcher import (
@@ -23,7 +21,7 @@ from server.providers.local.batcher import (
     timing_of,
 )
 from server.providers.local.engine import EngineProcess
-from server.providers.local.work import ImageWork, pipeline_runner
+from server.providers.local.work import Generate, ImageWork, pipeline_runner
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +38,19 @@ class LocalImages:
     process (on the batcher's thread), or ``workers``, engine worker processes, one
     batcher thread each. Either way the images come back encoded."""
 
-    def __init__(self, model_id: str, weights: WeightsInfo,
-                 text2img: Callable[[list[ImageItem]], list[Image.Image]] | None,
+    def __init__(self, model_id: str, weights: WeightsInfo, generate: Generate | None,
                  policy: BatchPolicy, timeout_s: float, description: str = "", *,
-                 workers: Sequence[EngineProcess] = ()) -> None:
+                 workers: Sequence[EngineProcess] = (), vaes: Sequence[VaeChoice] = ("full",),
+                 fast_qualities: Sequence[str] = ()) -> None:
         self.model_id = model_id
         self.weights = weights
         self.description = description
         self.timeout_s = timeout_s
         self.workers = list(workers)
-        self.batcher: Batcher[ImageWork, bytes] = Batcher(
-            model_id, None if text2img is None else pipeline_runner(text2img), policy,
+        self.vaes = tuple(vaes)  # the decoders loaded beside the model
+        self.fast_qualities = frozenset(fast_qualities)
+        self.batcher: Batcher[ImageWork, bytes | NotFinite] = Batcher(
+            model_id, None if generate is None else pipeline_runner(generate), policy,
             runners=self.workers)
 
     def start(self) -> None:
@@ -62,22 +62,36 @@ class LocalImages:
             worker.close()
 
     def warm_up(self, width: int, height: int, steps: int) -> None:
-        """Run a batch of 1 and one of 4 (blocking): the device does its first-call work,
-        and the estimates start from measured costs at two batch sizes, not the prior."""
-        for n in (1, 4):
-            futures = self.batcher.submit(
-                [ImageWork(ImageItem("warm-up", seed, width, height, steps))
-                 for seed in range(n)], self.timeout_s, bulk=True)
-            for f in futures:
-                f.result(self.timeout_s)
+        """Run a batch of 1 and one of 4 with each decoder (blocking): the device does its
+        first-call work, and the estimates start from measured costs at two batch sizes,
+        not the prior."""
+        for vae in self.vaes:
+            for n in (1, 4):
+                futures = self.batcher.submit(
+                    [ImageWork(ImageItem("warm-up", seed, width, height, steps, vae=vae))
+                     for seed in range(n)], self.timeout_s, bulk=True)
+                for f in futures:
+                    f.result(self.timeout_s)
+
+    def vae_for(self, job: ImageJob) -> VaeChoice:
+        """The decoder a job runs with: as asked, else the tiny one for a fast quality
+        when it is loaded, else the model's own. Asked for and not loaded: a 400."""
+        if job.vae is not None:
+            if job.vae not in self.vaes:
+                raise bad_request(f"vae {job.vae!r} is not installed on this server (run "
+                                  "`spillway weights fetch taesdxl`); omit 'vae' or use "
+                                  "'full'.", param="vae", code="unsupported_value")
+            return job.vae
+        return "tiny" if job.quality in self.fast_qualities and "tiny" in self.vaes else "full"
 
     async def generate(self, job: ImageJob, *, bulk: bool = False,
                        due_in_s: float | None = None) -> LocalRun:
         """``due_in_s``: when the client needs the images (see ``Batcher.submit``)."""
+        vae = self.vae_for(job)
         try:
             futures = self.batcher.submit(
                 [ImageWork(item, job.output_format, job.output_compression)
-                 for item in job.items()], self.timeout_s, bulk=bulk, due_in_s=due_in_s)
+                 for item in job.items(vae)], self.timeout_s, bulk=bulk, due_in_s=due_in_s)
         except QueueFull as exc:
             raise queue_full(exc.retry_after_s) from exc
         except Closed as exc:
@@ -93,8 +107,10 @@ class LocalImages:
             raise from_batch_failure(exc, self.timeout_s, "image pipeline") from exc
         media_type = MEDIA_TYPES[job.output_format]
         timings = [t for t in map(timing_of, futures) if t is not None]
+        # An item that failed (NotFinite) raised above: what is left is bytes.
         return LocalRun([OutImage(data, media_type, seed)
-                         for data, seed in zip(encoded, job.seeds, strict=True)],
+                         for data, seed in zip(encoded, job.seeds, strict=True)
+                         if isinstance(data, bytes)],
                         max((t.queue_s for t in timings), default=0.0),
                         sum(t.device_s for t in timings),
                         max((t.queue_s + t.device_s * t.batch_size for t in timings),

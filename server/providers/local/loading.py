@@ -9,15 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pipelines.base import pick_device
-from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, describe
-from pipelines.sdxl_turbo import Limits, SDXLTurbo
+from pipelines.base import VaeChoice, pick_device
+from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, decoders_for, describe
+from pipelines.sdxl_turbo import SDXLTurbo
 from pipelines.vlm import Prompts, VisionLanguageModel
 from server.config import Settings
 from server.providers.local.batcher import BatchPolicy
 from server.providers.local.chat import LocalChat
 from server.providers.local.engine import ChatProcess, EngineProcess, EngineWorker
-from server.providers.local.engine_child import EngineSpec
+from server.providers.local.engine_child import EngineSpec, load_sdxl
 from server.providers.local.images import LocalImages
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,25 @@ def _device(settings: Settings) -> torch.device:
     return device
 
 
+def sdxl_spec(settings: Settings, weights: WeightsInfo, device: str,
+              threads: int = 1) -> EngineSpec:
+    """What an image engine loads, from the settings: the weights and the decoders that go
+    with them, dtype, kernels, compiled buckets."""
+    tiny, fix = decoders_for(weights, settings.weights_dir)
+    e = settings.engine
+    return EngineSpec(str(weights.path), weights.variant, device, settings.xformers,
+                      settings.images.min_side, settings.images.max_side, threads,
+                      dtype=e.dtype, tiny_vae=None if tiny is None else str(tiny.path),
+                      fp16_vae=None if fix is None else str(fix.path), compile=e.compile,
+                      compile_mode=e.compile_mode, compile_backend=e.compile_backend,
+                      warm_buckets=tuple(e.warm_buckets))
+
+
 def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
     weights = resolve_weights(settings)
-    limits = Limits(min_side=settings.images.min_side, max_side=settings.images.max_side)
     device = _device(settings)
-    engine = SDXLTurbo.load(weights.path, device, variant=weights.variant,
-                            xformers=settings.xformers, limits=limits)
+    engine, description = load_sdxl(sdxl_spec(settings, weights, str(device)), str(device))
+    log.info("image model: %s", description)
     return engine, weights
 
 
@@ -66,11 +79,12 @@ def load_local_images(settings: Settings) -> LocalImages:
         vlm_cpus = sum(1 for d in settings.engine.vlm_worker_devices(cudas) if d == "cpu") \
             if settings.vlm.enabled else 0
         return start_workers(settings, devices, other_cpu_workers=vlm_cpus)
-    engine, weights = load_engine(settings)
-    description = f"{engine.device.type}, {str(engine.pipe.dtype).removeprefix('torch.')}, " \
-                  f"{engine.attention}"
-    return LocalImages(MODEL_ID, weights, engine.run, batch_policy(settings),
-                       settings.batch.default_timeout_s, description)
+    weights = resolve_weights(settings)
+    device = _device(settings)
+    engine, description = load_sdxl(sdxl_spec(settings, weights, str(device)), str(device))
+    return LocalImages(MODEL_ID, weights, engine.generate, batch_policy(settings),
+                       settings.batch.default_timeout_s, description, vaes=engine.vae_choices,
+                       fast_qualities=settings.images.fast_qualities)
 
 
 def vlm_weights(settings: Settings) -> WeightsInfo:
@@ -155,14 +169,14 @@ def start_workers(settings: Settings, devices: list[str], *,
     serve. None loaded: an error. ``other_cpu_workers``: the VLM's, sharing the cores."""
     weights = resolve_weights(settings)
     threads = worker_threads(settings, sum(1 for d in devices if d == "cpu") + other_cpu_workers)
-    workers = [EngineProcess(EngineSpec(str(weights.path), weights.variant, device,
-                                        settings.xformers, settings.images.min_side,
-                                        settings.images.max_side, threads),
-                             f"sdxl-{device}-{i}", **_timeouts(settings))
-               for i, device in enumerate(devices)]
+    specs = [sdxl_spec(settings, weights, device, threads) for device in devices]
+    workers = [EngineProcess(spec, f"sdxl-{spec.device}-{i}", **_timeouts(settings))
+               for i, spec in enumerate(specs)]
     description = _start_all(workers)
+    vaes: tuple[VaeChoice, ...] = ("full", "tiny") if specs[0].tiny_vae else ("full",)
     return LocalImages(MODEL_ID, weights, None, batch_policy(settings),
-                       settings.batch.default_timeout_s, description, workers=workers)
+                       settings.batch.default_timeout_s, description, workers=workers,
+                       vaes=vaes, fast_qualities=settings.images.fast_qualities)
 
 
 def _start_all(workers: list[EngineProcess] | list[ChatProcess]) -> str:

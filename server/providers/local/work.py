@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.base import ImageItem
+from pipelines.base import ImageItem, NotFinite, Picture, ShapeKey, VaeChoice
 from pipelines.vlm import ChatItem, ChatResult
 from server.media.encode import encode_image
 
@@ -27,7 +27,7 @@ class ImageWork:
     compression: int | None = None
 
     @property
-    def shape_key(self) -> tuple[str, int, int, int, float, float]:
+    def shape_key(self) -> ShapeKey:
         return self.item.shape_key
 
     @property
@@ -48,6 +48,7 @@ class WireItem:
     compression: int | None
     # img2img: the source as raw RGB bytes, already width x height (the intake fitted it)
     init_rgb: bytes | None = field(default=None, repr=False)
+    vae: VaeChoice = "full"
 
     @staticmethod
     def of(work: ImageWork) -> WireItem:
@@ -57,13 +58,13 @@ class WireItem:
             init = init.convert("RGB")
         return WireItem(it.prompt, it.seed, it.width, it.height, it.steps, it.guidance,
                         it.strength, work.fmt, work.compression,
-                        None if init is None else init.tobytes())
+                        None if init is None else init.tobytes(), it.vae)
 
     def work(self) -> ImageWork:
         init = (None if self.init_rgb is None else
                 Image.frombytes("RGB", (self.width, self.height), self.init_rgb))
         return ImageWork(ImageItem(self.prompt, self.seed, self.width, self.height,
-                                   self.steps, self.guidance, init, self.strength),
+                                   self.steps, self.guidance, init, self.strength, self.vae),
                          self.fmt, self.compression)
 
 
@@ -133,7 +134,8 @@ class Answered:
 
 @dataclass(frozen=True)
 class Ran:
-    images: list[bytes]  # encoded, one per item
+    # encoded, one per item; an item whose pixels were not finite fails on its own
+    images: list[bytes | NotFinite]
     device_s: float  # pipeline and encoding, as the worker timed them
 
 
@@ -156,15 +158,22 @@ class Stop:
 Message = RunBatch | RunChat | Cancel | Ran | Answered | Text | Failed | Loaded | Stop
 
 
-def encode_all(images: list[Image.Image], works: list[ImageWork]) -> list[bytes]:
-    return [encode_image(im, w.fmt, w.compression) for im, w in zip(images, works, strict=True)]
+Generate = Callable[[list[ImageItem]], list[Picture | NotFinite]]
 
 
-def pipeline_runner(run: Callable[[list[ImageItem]], list[Image.Image]]
-                    ) -> Callable[[list[ImageWork]], list[bytes]]:
-    """A pipeline's ``run(items) -> images`` as a batcher's ``run(works) -> bytes``."""
+def encode_all(pictures: list[Picture | NotFinite], works: list[ImageWork]
+               ) -> list[bytes | NotFinite]:
+    """uint8 arrays from the device to the bytes each item's request asked for; an item
+    that failed stays its error (the batcher fails that item alone)."""
+    return [p if isinstance(p, NotFinite) else
+            encode_image(Image.fromarray(p), w.fmt, w.compression)
+            for p, w in zip(pictures, works, strict=True)]
 
-    def run_works(works: list[ImageWork]) -> list[bytes]:
-        return encode_all(run([w.item for w in works]), works)
+
+def pipeline_runner(generate: Generate) -> Callable[[list[ImageWork]], list[bytes | NotFinite]]:
+    """A pipeline's ``generate(items) -> pictures`` as a batcher's ``run(works) -> bytes``."""
+
+    def run_works(works: list[ImageWork]) -> list[bytes | NotFinite]:
+        return encode_all(generate([w.item for w in works]), works)
 
     return run_works

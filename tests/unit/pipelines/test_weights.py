@@ -9,7 +9,17 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from pipelines.registry import FOLDERS, FetchError, best_weights, ensure_default, fetch
+from pipelines.registry import (
+    FOLDERS,
+    SDXL_VAE_FP16,
+    TAESDXL,
+    FetchError,
+    best_weights,
+    decoders_for,
+    ensure_default,
+    fetch,
+    spec_for,
+)
 from pipelines.sdxl_random import (
     TEXT_ENCODER_CONFIGS,
     UNET_CONFIGS,
@@ -58,7 +68,8 @@ def test_fetch_without_a_hub_fails_in_one_sentence(tmp_path: Path) -> None:
 def test_ensure_default_builds_tiny_once(tmp_path: Path) -> None:
     first = ensure_default(tmp_path)
     assert [(w.model_id, w.source) for w in first] == [("sdxl-turbo", "tiny"),
-                                                       ("local-vlm", "tiny")]
+                                                       ("local-vlm", "tiny"),
+                                                       ("taesdxl", "tiny")]
     stamps = [(w.path / "spillway.json").stat().st_mtime_ns for w in first]
     again = ensure_default(tmp_path)
     assert [w.path for w in again] == [w.path for w in first]
@@ -100,3 +111,45 @@ def test_random_full_path_saves_an_fp16_variant_that_loads(tmp_path: Path) -> No
                             limits=Limits(min_side=64))
     assert engine.pipe.unet.dtype == torch.float32  # fp32 on the CPU, whatever was saved
     assert engine.text2img([ImageItem("x", 1, 64, 64, 1)])[0].size == (64, 64)
+    # the tiny decoder comes with it, for `vae: "tiny"` in benchmarks
+    tiny = best_weights(tmp_path, TAESDXL)
+    assert tiny is not None and tiny.source == "random-full"
+
+
+def test_real_weights_get_only_a_real_tiny_vae(tmp_path: Path, tiny_weights: Path) -> None:
+    """A random decoder would turn real latents into noise: with real SDXL weights only
+    a fetched TAESDXL is served; random SDXL weights take the built-in one."""
+    import shutil
+
+    shutil.copytree(tiny_weights / FOLDERS["tiny"], tmp_path / FOLDERS["hub"])
+    (tmp_path / FOLDERS["hub"] / "spillway.json").unlink()
+    shutil.copytree(tiny_weights / TAESDXL.folders["tiny"], tmp_path / TAESDXL.folders["tiny"])
+    real = best_weights(tmp_path)
+    assert real is not None and real.source == "hub"
+    assert decoders_for(real, tmp_path) == (None, None)
+    random = best_weights(tiny_weights)
+    assert random is not None
+    tiny, fix = decoders_for(random, tiny_weights)
+    assert tiny is not None and tiny.source == "tiny" and fix is None
+    shutil.copytree(tiny_weights / TAESDXL.folders["tiny"], tmp_path / TAESDXL.folders["hub"])
+    (tmp_path / TAESDXL.folders["hub"] / "spillway.json").unlink()
+    tiny, _ = decoders_for(real, tmp_path)
+    assert tiny is not None and tiny.source == "hub"
+
+
+def test_fetching_sdxl_turbo_fetches_the_fp16_fix_vae_too() -> None:
+    assert spec_for("sdxl-turbo").extras == (SDXL_VAE_FP16.model_id,)
+    assert spec_for("sdxl-vae-fp16-fix").hub_repo == "madebyollin/sdxl-vae-fp16-fix"
+    assert spec_for("taesdxl").hub_repo == "madebyollin/taesdxl"
+
+
+def test_the_full_tiny_vae_is_taesdxls_architecture() -> None:
+    """diffusers' AutoencoderTiny defaults are TAESD's; 4 latent channels, 8x upsampling."""
+    from pipelines.sdxl_random import build_tiny_vae
+
+    with torch.device("meta"):
+        vae = build_tiny_vae("full")
+    assert vae.config.latent_channels == 4 and vae.config.scaling_factor == 1.0
+    assert vae.config.decoder_block_out_channels == (64, 64, 64, 64)
+    small = build_tiny_vae("tiny")
+    assert small.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)

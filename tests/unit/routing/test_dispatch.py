@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.base import ImageItem
+from pipelines.base import ImageItem, NotFinite, Picture
 from pipelines.registry import MODEL_ID, WeightsInfo
 from server.config import Settings
 from server.errors import APIError
@@ -87,11 +88,12 @@ def fail(provider: str, kind: Any, retry_after_s: float | None = None) -> Provid
                          retry_after_s=retry_after_s)
 
 
-def fake_pipeline(items: list[ImageItem]) -> list[Image.Image]:
-    return [Image.new("RGB", (i.width, i.height), (i.seed % 256, 0, 0)) for i in items]
+def fake_pipeline(items: list[ImageItem]) -> list[Picture | NotFinite]:
+    return [np.asarray(Image.new("RGB", (i.width, i.height), (i.seed % 256, 0, 0)))
+            for i in items]
 
 
-def broken_pipeline(items: list[ImageItem]) -> list[Image.Image]:
+def broken_pipeline(items: list[ImageItem]) -> list[Picture | NotFinite]:
     raise RuntimeError("CUDA out of memory")
 
 
@@ -101,7 +103,7 @@ def settings(**router: Any) -> Settings:
 
 
 @contextmanager
-def local_images(run_batch: Callable[[list[ImageItem]], list[Image.Image]] = fake_pipeline,
+def local_images(run_batch: Callable[[list[ImageItem]], list[Picture | NotFinite]] = fake_pipeline,
                  *, max_queue: int = 64, start: bool = True) -> Iterator[LocalImages]:
     weights = WeightsInfo(MODEL_ID, "tiny", Path("unused"))
     local = LocalImages(MODEL_ID, weights, run_batch,
