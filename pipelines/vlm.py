@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
@@ -28,10 +29,35 @@ log = logging.getLogger(__name__)
 Message = dict[str, Any]  # {"role": ..., "content": str | [{"type": "text"|"image", ...}]}
 
 
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """One conversation as its batch takes it, made once by ``Prompts.prepare`` (the server
+    does it at admission, on its own thread, so the device thread only pads and stacks).
+
+    ``tokens``: what the processor makes per prompt token, one unpadded row each
+    (``input_ids`` with every image placeholder expanded, ``attention_mask``, and e.g.
+    Qwen's ``mm_token_type_ids``). ``images``: what its image processor makes of the
+    conversation's images, in order (Qwen: ``pixel_values``, one row per patch, and
+    ``image_grid_thw``, one row per image); empty without images.
+    """
+
+    tokens: dict[str, np.ndarray]
+    images: dict[str, np.ndarray]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.tokens["input_ids"].shape[0])
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.images.values())
+
+
 @dataclass(eq=False)
 class ChatItem:
     """One conversation to answer. Images appear in ``messages`` as ``{"type": "image"}``
-    parts and in ``images`` in the same order."""
+    parts and in ``images`` in the same order. ``prepared``: the model's inputs for it,
+    when admission made them (``generate`` prepares an item that comes without)."""
 
     messages: list[Message]
     images: list[Image.Image] = field(default_factory=list)
@@ -44,6 +70,7 @@ class ChatItem:
     on_text: Callable[[str], None] | None = None
     # Set when the client has gone: the row stops at its next token, freeing the batch.
     cancel: threading.Event | None = None
+    prepared: Prepared | None = field(default=None, repr=False)
 
     @property
     def shape_key(self) -> tuple[str, float, float, int | None]:
@@ -286,8 +313,44 @@ class Prompts:
                                                        tokenize=False)
         return text
 
+    def prepare(self, messages: list[Message], images: list[Image.Image]) -> Prepared:
+        """This conversation's share of a batch's inputs: the processor over its prompt and
+        its images alone. The batch's ``processor(text=..., images=..., padding=True)``
+        makes the same rows (it processes images one by one and tokenizes each prompt on
+        its own), left-padded and concatenated: ``VisionLanguageModel`` does only that."""
+        out = self.processor(text=[self.render(messages)], images=images or None,
+                             return_tensors="np")
+        image_keys = set(getattr(self.processor.image_processor, "model_input_names", ()))
+        tokens = {k: np.asarray(v) for k, v in out.items() if k not in image_keys}
+        width = tokens["input_ids"].shape
+        for key, value in tokens.items():
+            if value.shape != width or value.shape[0] != 1:
+                raise ValueError(f"the processor's {key!r} has shape {value.shape}, not one "
+                                 f"value per prompt token {width}")
+        return Prepared({k: v[0] for k, v in tokens.items()},
+                        {k: np.asarray(v) for k, v in out.items() if k in image_keys})
+
+    def prepared_image_bytes(self, images: list[Image.Image]) -> int | None:
+        """What ``prepare`` would hold for these images (pixel_values, float32), from the
+        processor's own patch count, without preparing them; None where it has no formula.
+        Qwen's patches repeat in time: at its real settings this is ~8x the raw RGB."""
+        if not images:
+            return 0
+        try:
+            data = self.processor._get_num_multimodal_tokens(
+                image_sizes=[[im.height, im.width] for im in images])
+            patches = int(sum(data.num_image_patches))
+        except (AttributeError, TypeError, NotImplementedError):
+            return None
+        ip = self.processor.image_processor
+        channels = len(getattr(ip, "image_mean", None) or (0, 0, 0))
+        per_patch = channels * int(getattr(ip, "temporal_patch_size", None) or 1) * \
+            int(getattr(ip, "patch_size", None) or 1) ** 2
+        return patches * per_patch * 4
+
     def count_prompt_tokens(self, messages: list[Message], images: list[Image.Image]) -> int:
-        """Prompt length after image placeholders expand, without running the vision tower."""
+        """Prompt length after image placeholders expand, without running the vision tower
+        (nor, where the processor has a formula, the image processor)."""
         text = self.render(messages)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not images:
@@ -299,8 +362,7 @@ class Prompts:
         except (AttributeError, TypeError, NotImplementedError):
             counts = []
         if len(counts) != len(images):  # no cheap formula: let the processor expand it
-            out = self.processor(text=[text], images=images, return_tensors="np")
-            return int(out["input_ids"].shape[1])
+            return self.prepare(messages, images).prompt_tokens
         return len(ids) - len(images) + int(sum(counts))
 
 
@@ -343,15 +405,13 @@ class VisionLanguageModel:
         first = items[0]
         if any(item.shape_key != first.shape_key for item in items):
             raise ValueError("generate batch mixes sampling settings")
-        # 1. One prompt per row; images flattened in row order, as the processor expects.
-        texts = [self.render(item.messages) for item in items]
-        images = [im for item in items for im in item.images]
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt",
-                                padding=True).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        # 1. Each row as admission prepared it (one nobody prepared is prepared now), then
+        #    only padded and stacked: no image processing here.
+        prepared = [item.prepared if item.prepared is not None
+                    else self.prompts.prepare(item.messages, item.images) for item in items]
+        inputs = self.batch_inputs(prepared)
         prompt_len = int(inputs["input_ids"].shape[1])
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        prompt_tokens = [p.prompt_tokens for p in prepared]
         # 2. Per-row limits, stop strings and streaming ride on a stopping criterion.
         rows = [_Row(item, self.tokenizer, self.eos) for item in items]
         sample = first.temperature > 0
@@ -371,5 +431,31 @@ class VisionLanguageModel:
         results = []
         for row, n_prompt in zip(rows, prompt_tokens, strict=True):
             finish = row.finish or row.end("length")
-            results.append(ChatResult(row.text, finish, int(n_prompt), len(row.ids)))
+            results.append(ChatResult(row.text, finish, n_prompt, len(row.ids)))
         return results
+
+    def batch_inputs(self, prepared: list[Prepared]) -> dict[str, torch.Tensor]:
+        """The batch's model inputs on the device, as the processor makes them for the whole
+        batch with ``padding=True``: token rows left-padded to the longest (input ids with
+        the pad token, masks and type ids with 0), image arrays concatenated in row order,
+        ``pixel_values`` in the model's dtype."""
+        keys = prepared[0].tokens.keys()
+        if any(p.tokens.keys() != keys for p in prepared):
+            raise ValueError(f"prepared rows differ in their inputs: "
+                             f"{sorted({tuple(sorted(p.tokens)) for p in prepared})}")
+        width = max(p.prompt_tokens for p in prepared)
+        inputs: dict[str, torch.Tensor] = {}
+        for key in keys:
+            rows = np.full((len(prepared), width), self.pad_id if key == "input_ids" else 0,
+                           dtype=prepared[0].tokens[key].dtype)
+            for i, p in enumerate(prepared):
+                rows[i, width - p.prompt_tokens:] = p.tokens[key]
+            inputs[key] = torch.from_numpy(rows).to(self.device)
+        with_images = [p.images for p in prepared if p.images]
+        for key in sorted({key for images in with_images for key in images}):
+            # Each row's part to the device on its own: no host copy of the whole batch.
+            parts = [torch.from_numpy(images[key]).to(self.device) for images in with_images]
+            inputs[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs

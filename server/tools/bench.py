@@ -243,9 +243,8 @@ def compare_chat(settings: Settings, *, clients: int, requests: int, max_tokens:
     for mode, max_batch in modes:
         policy = BatchPolicy(max_batch=max_batch, max_batch_pixels=2**62,
                              max_wait_s=v.max_wait_ms / 1000, max_queue=v.max_queue)
-        local = LocalChat(catalog.VLM_MODEL, weights, model.generate,
-                          lambda item: model.count_prompt_tokens(item.messages, item.images),
-                          model.context_length, policy, v.timeout_s)
+        local = LocalChat(catalog.VLM_MODEL, weights, model.generate, model.prompts, policy,
+                          v.timeout_s)
         results.append(_run_mode(mode, settings, local, clients, requests, body))
     print(f"spillway bench --chat: {weights.label} on {model.device.type} "
           f"({str(model.model.dtype).removeprefix('torch.')}), {image_side}x{image_side} image, "

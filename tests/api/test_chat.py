@@ -200,12 +200,15 @@ def test_concurrent_requests_share_one_generate_call(tiny_weights: Path) -> None
         busy.set()
         assert gate.wait(60)
         calls.append(len(items))
+        for item in items:  # prepared at admission, not here, where that pays (chat.py)
+            rgb = sum(3 * im.width * im.height for im in item.images)
+            estimate = model.prompts.prepared_image_bytes(item.images)
+            assert (item.prepared is not None) == (estimate is not None and estimate <= rgb)
         return model.generate(items)
 
     def chat_loader(s: Settings) -> LocalChat:
-        return LocalChat("local-vlm", info, generate,
-                         lambda it: model.count_prompt_tokens(it.messages, it.images),
-                         model.context_length, BatchPolicy(max_batch=16, max_wait_s=0.01), 60)
+        return LocalChat("local-vlm", info, generate, model.prompts,
+                         BatchPolicy(max_batch=16, max_wait_s=0.01), 60)
 
     settings = Settings(weights_dir=tiny_weights)
     with serve(create_app(settings, chat_loader=chat_loader)) as base, \

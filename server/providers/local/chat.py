@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipelines.registry import WeightsInfo
-from pipelines.vlm import ChatItem, ChatResult
+from pipelines.vlm import ChatItem, ChatResult, Prompts
 from server.errors import queue_full, shutting_down
 from server.providers.local.batcher import (
     Batcher,
@@ -35,18 +35,18 @@ class StreamEvent:
 class LocalChat:
     """Chat jobs on the local VLM behind one batcher: ``generate`` in this process (on the
     batcher's thread), or ``workers``, VLM engine worker processes, one batcher thread
-    each. ``count_tokens`` needs only the processor (the server admits by it)."""
+    each. ``prompts``, the model's processor side (no weights), admits items in the
+    server: it prepares them and counts their prompt tokens."""
 
     def __init__(self, model_id: str, weights: WeightsInfo,
                  generate: Callable[[list[ChatItem]], list[ChatResult]] | None,
-                 count_tokens: Callable[[ChatItem], int], context_length: int,
-                 policy: BatchPolicy, timeout_s: float, description: str = "", *,
-                 workers: Sequence[ChatProcess] = ()) -> None:
+                 prompts: Prompts, policy: BatchPolicy, timeout_s: float,
+                 description: str = "", *, workers: Sequence[ChatProcess] = ()) -> None:
         self.model_id = model_id
         self.weights = weights
         self.description = description
-        self.count_tokens = count_tokens
-        self.context_length = context_length
+        self.prompts = prompts
+        self.context_length = prompts.context_length
         self.timeout_s = timeout_s
         self.workers = list(workers)
         self.batcher: Batcher[ChatItem, ChatResult] = Batcher(
@@ -54,6 +54,23 @@ class LocalChat:
 
     def start(self) -> None:
         self.batcher.start()
+
+    def count_tokens(self, item: ChatItem) -> int:
+        """The item's prompt tokens, counted on its model inputs, which this prepares (its
+        images through the image processor, its prompt tokenized with their placeholders
+        expanded) unless it came prepared: admission calls this on a server thread, so
+        that no batch waits on that work on its device's thread."""
+        if item.prepared is None:
+            # Only where the prepared arrays are no bigger than the pictures: they wait in
+            # the queue and cross the pipe. At Qwen3-VL's real settings they are ~8x the
+            # RGB (25 MB a 1024x1024 image), so there the count comes from the processor's
+            # formula and the worker prepares the item (README: engine workers).
+            estimate = self.prompts.prepared_image_bytes(item.images)
+            rgb = sum(3 * im.width * im.height for im in item.images)
+            if estimate is not None and estimate > rgb:
+                return self.prompts.count_prompt_tokens(item.messages, item.images)
+            item.prepared = self.prompts.prepare(item.messages, item.images)
+        return item.prepared.prompt_tokens
 
     def close(self) -> None:
         self.batcher.close()  # in-flight batches finish first

@@ -117,17 +117,15 @@ def load_local_chat(settings: Settings) -> LocalChat:
                                   other_cpu_workers=sum(1 for d in images if d == "cpu"))
     model, weights = load_vlm(settings)
     description = f"{model.device.type}, {str(model.model.dtype).removeprefix('torch.')}"
-    return LocalChat(VLM.model_id, weights, model.generate,
-                     lambda item: model.count_prompt_tokens(item.messages, item.images),
-                     model.context_length, vlm_policy(settings), settings.vlm.timeout_s,
-                     description)
+    return LocalChat(VLM.model_id, weights, model.generate, model.prompts, vlm_policy(settings),
+                     settings.vlm.timeout_s, description)
 
 
 def start_chat_workers(settings: Settings, devices: list[str], *,
                        other_cpu_workers: int = 0) -> LocalChat:
     """One VLM worker process per device. The server keeps only the processor (chat
-    template, tokenizer, image placeholders: no weights, no torch model) to count prompt
-    tokens before admission."""
+    template, tokenizer, image processor: no weights, no torch model) to prepare items and
+    count their prompt tokens at admission."""
     weights = vlm_weights(settings)
     prompts = Prompts.load(weights.path)
     threads = worker_threads(settings, sum(1 for d in devices if d == "cpu") + other_cpu_workers)
@@ -136,10 +134,8 @@ def start_chat_workers(settings: Settings, devices: list[str], *,
                            f"vlm-{device}-{i}", **_timeouts(settings))
                for i, device in enumerate(devices)]
     description = _start_all(workers)
-    return LocalChat(VLM.model_id, weights, None,
-                     lambda item: prompts.count_prompt_tokens(item.messages, item.images),
-                     prompts.context_length, vlm_policy(settings), settings.vlm.timeout_s,
-                     description, workers=workers)
+    return LocalChat(VLM.model_id, weights, None, prompts, vlm_policy(settings),
+                     settings.vlm.timeout_s, description, workers=workers)
 
 
 def _timeouts(settings: Settings) -> dict[str, float]:

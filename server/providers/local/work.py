@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from pipelines.base import ImageItem, NotFinite, Picture, ShapeKey, VaeChoice
-from pipelines.vlm import ChatItem, ChatResult
+from pipelines.vlm import ChatItem, ChatResult, Prepared
 from server.media.encode import encode_image
 
 
@@ -74,10 +75,56 @@ class RunBatch:
 
 
 @dataclass(frozen=True)
+class WireArray:
+    """A numpy array as its bytes, dtype (with byte order, e.g. ``<f4``) and shape."""
+
+    data: bytes = field(repr=False)
+    dtype: str
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def of(array: np.ndarray) -> WireArray:
+        return WireArray(np.ascontiguousarray(array).tobytes(), array.dtype.str,
+                         tuple(array.shape))
+
+    def array(self) -> np.ndarray:
+        # A copy: writable, so torch takes it as it is.
+        return np.frombuffer(self.data, np.dtype(self.dtype)).reshape(self.shape).copy()
+
+
+@dataclass(frozen=True)
+class WirePrepared:
+    """A conversation's model inputs as admission prepared them (``pipelines.vlm.Prepared``)."""
+
+    tokens: dict[str, WireArray]
+    images: dict[str, WireArray]
+
+    @staticmethod
+    def of(prepared: Prepared) -> WirePrepared:
+        return WirePrepared({k: WireArray.of(v) for k, v in prepared.tokens.items()},
+                            {k: WireArray.of(v) for k, v in prepared.images.items()})
+
+    def prepared(self) -> Prepared:
+        return Prepared({k: v.array() for k, v in self.tokens.items()},
+                        {k: v.array() for k, v in self.images.items()})
+
+
+@dataclass(frozen=True)
 class WireChat:
     """One conversation: its messages (JSON-able dicts, images as ``{"type": "image"}``
-    parts), its images as raw RGB with their sizes (the intake decoded and fitted them),
-    sampling, and whether its text is wanted as it comes."""
+    parts), sampling, whether its text is wanted as it comes, and its images: either as
+    admission prepared them (``prepared``: the worker only stacks them), or as raw RGB with
+    their sizes (the intake decoded and fitted them; the worker prepares them), never both.
+
+    Prepared images cross when they are no more bytes than the RGB: the pipe to the worker
+    is crossed while the device waits, so it must not carry more than it did. The image
+    processor's output can be far bigger than its input: for the real Qwen3-VL settings
+    (16 px patches, temporal patch 2, float32) a 1024x1024 image is 25.2 MB of
+    ``pixel_values`` against 3.1 MB of RGB, so those images cross as RGB; the tiny model's
+    processor shrinks a 1024x1024 image to 64 patches, 0.4 MB, and those cross prepared.
+    float16 would halve the prepared bytes but not keep the model's inputs exact (through
+    float16, 16 of the 256 levels Qwen's normalization makes round to another bfloat16).
+    """
 
     messages: list[dict[str, Any]]
     sizes: list[tuple[int, int]]
@@ -88,9 +135,16 @@ class WireChat:
     stop: tuple[str, ...]
     seed: int | None
     stream: bool
+    prepared: WirePrepared | None = field(default=None, repr=False)
 
     @staticmethod
     def of(item: ChatItem) -> WireChat:
+        prepared = item.prepared
+        rgb_bytes = sum(3 * im.width * im.height for im in item.images)
+        if prepared is not None and prepared.image_bytes <= rgb_bytes:
+            return WireChat(item.messages, [], [], item.max_tokens, item.temperature,
+                            item.top_p, tuple(item.stop), item.seed, item.on_text is not None,
+                            WirePrepared.of(prepared))
         images = [im if im.mode == "RGB" else im.convert("RGB") for im in item.images]
         return WireChat(item.messages, [im.size for im in images],
                         [im.tobytes() for im in images], item.max_tokens, item.temperature,
@@ -101,7 +155,8 @@ class WireChat:
         images = [Image.frombytes("RGB", size, raw)
                   for size, raw in zip(self.sizes, self.images_rgb, strict=True)]
         return ChatItem(self.messages, images, self.max_tokens, self.temperature, self.top_p,
-                        self.stop, self.seed, on_text if self.stream else None, cancel)
+                        self.stop, self.seed, on_text if self.stream else None, cancel,
+                        None if self.prepared is None else self.prepared.prepared())
 
 
 @dataclass(frozen=True)

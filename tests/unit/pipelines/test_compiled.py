@@ -87,7 +87,7 @@ def test_warmed_buckets_never_compile_again(tiny_weights: Path, eager: SDXLTurbo
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor needs a C++ compiler on the CPU (Debian: apt install g++)")
 @pytest.mark.skipif(os.environ.get("SPILLWAY_TEST_INDUCTOR") != "1",
-                    reason="inductor on 2 CPU cores takes ~80 s a bucket; "
+                    reason="inductor on 2 CPU cores: 52 s for one bucket with both decoders; "
                     "SPILLWAY_TEST_INDUCTOR=1 runs it")
 def test_inductor_makes_the_same_pictures(tiny_weights: Path, eager: SDXLTurbo) -> None:
     from torch._dynamo.utils import counters
