@@ -117,23 +117,30 @@ def generate(prompt: str,
 
 @weights_app.command("tiny")
 def weights_tiny(weights_dir: WeightsDir = None) -> None:
-    """Build the tiny random-weight models (the built-in default): SDXL and the VLM."""
-    from pipelines.registry import build_tiny, build_tiny_vlm
+    """Build the tiny random-weight models (the built-in default): SDXL, its tiny VAE and
+    the VLM."""
+    from pipelines.registry import build_tiny, build_tiny_vae, build_tiny_vlm
 
     root = _settings(weights_dir=weights_dir).weights_dir
-    for info in (build_tiny(root), build_tiny_vlm(root)):
+    for info in (build_tiny(root), build_tiny_vae(root), build_tiny_vlm(root)):
         typer.echo(f"built {info.model_id} {info.label} at {info.path}")
 
 
 @weights_app.command("ensure")
 def weights_ensure(weights_dir: WeightsDir = None) -> None:
     """Build a tiny model only where no weights of that model are present."""
-    from pipelines.registry import SPECS, best_weights, ensure_default
+    from pipelines.registry import MARKER, SPECS, WeightsInfo, best_weights, ensure_default
+
+    def stamp(info: WeightsInfo | None) -> int | None:
+        marker = None if info is None else info.path / MARKER
+        return marker.stat().st_mtime_ns if marker is not None and marker.is_file() else None
 
     root = _settings(weights_dir=weights_dir).weights_dir
-    before = {spec.model_id: best_weights(root, spec) for spec in SPECS}
+    before = {spec.model_id: stamp(best_weights(root, spec)) for spec in SPECS}
     for info in ensure_default(root):
-        verb = "using" if before[info.model_id] else "no weights found: built"
+        was = before[info.model_id]
+        verb = ("no weights found: built" if was is None and stamp(info) is not None
+                else "outdated tiny build: rebuilt" if was != stamp(info) else "using")
         typer.echo(f"{verb} {info.model_id} {info.label} at {info.path}")
 
 
@@ -143,7 +150,8 @@ def weights_fetch(model: str, weights_dir: WeightsDir = None,
                       help="hub address; default: HF_ENDPOINT or huggingface.co")] = None) -> None:
     """Download real weights from the Hugging Face Hub (needs a network).
 
-    MODEL: sdxl-turbo (stabilityai/sdxl-turbo) or qwen3-vl-4b (Qwen/Qwen3-VL-4B-Instruct)."""
+    MODEL: sdxl-turbo (stabilityai/sdxl-turbo, with madebyollin/sdxl-vae-fp16-fix), taesdxl
+    (madebyollin/taesdxl, the tiny VAE) or qwen3-vl-4b (Qwen/Qwen3-VL-4B-Instruct)."""
     from pipelines.registry import FetchError, fetch
 
     try:
