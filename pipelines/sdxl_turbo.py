@@ -3,6 +3,7 @@ call per batch, decode and postprocess on the device."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -242,12 +243,8 @@ class SDXLTurbo:
                              "or VAE")
         for item in items:
             check_item(item, self.limits)
-            if item.vae not in self.vaes:
-                raise ValueError(f"vae {item.vae!r} is not loaded")
-            if item.init_image is not None and item.kind != "img2img":
-                raise ValueError("img2img needs a source image for every item")
-        if first.kind == "img2img" and any(item.init_image is None for item in items):
-            raise ValueError("img2img needs a source image for every item")
+        if first.vae not in self.vaes:
+            raise ValueError(f"vae {first.vae!r} is not loaded")
         # 2. Calls of compiled sizes (padded) and within the memory budget.
         key = first.shape_key
         cap = self.cap(key, first.width, first.height)
@@ -340,7 +337,7 @@ class SDXLTurbo:
         if bad and images.dtype != torch.float32:
             log.warning("%d of %d items decoded to NaN/inf in %s; decoding them in fp32",
                         len(bad), len(images), images.dtype)
-            again = self._decode_fp32(vae, latents[bad])
+            again = self._decode_fp32(vae, latents[bad], in_place=False)
             pixels[bad] = to_uint8(again)
             finite[bad] = finite_rows(again)
             bad = (~finite).nonzero().flatten().tolist()
@@ -348,13 +345,20 @@ class SDXLTurbo:
         return [NotFinite(f"item {i} of the batch decoded to NaN or infinite pixels")
                 if i in bad else p for i, p in enumerate(host)]
 
-    def _decode_fp32(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        """The VAE in fp32 for this decode only (two casts of its weights: the rare path,
-        or fp16 with the stock VAE)."""
+    def _decode_fp32(self, vae: Any, latents: torch.Tensor, *, in_place: bool = True
+                     ) -> torch.Tensor:
+        """A decode in fp32. ``in_place``: the VAE's own weights cast there and back (fp16
+        with the stock VAE, as diffusers does it, eager). Otherwise an fp32 copy for this
+        decode only (the NaN path, rare): a compiled graph keeps the weights it was
+        captured with, addresses included under CUDA graphs."""
+        if not in_place:
+            vae = copy.deepcopy(vae).to(dtype=torch.float32)
+            out: torch.Tensor = vae.decode(unscale(latents.float(), vae), return_dict=False)[0]
+            return out
         dtype = vae.dtype
         vae.to(dtype=torch.float32)
         try:
-            out: torch.Tensor = vae.decode(unscale(latents.float(), vae), return_dict=False)[0]
+            out = vae.decode(unscale(latents.float(), vae), return_dict=False)[0]
         finally:
             vae.to(dtype=dtype)
         return out

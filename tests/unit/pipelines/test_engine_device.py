@@ -93,24 +93,19 @@ def test_uint8_pixels_match_diffusers_pil_path(engine: SDXLTurbo) -> None:
 
 # -- finite or fail ------------------------------------------------------------------------
 def poison(vae: Any, row: int, *, only_below_fp32: bool) -> Callable[[], None]:
-    """The VAE's decode, returning NaN for one row in half precision, and (unless
-    ``only_below_fp32``) for every row it decodes again in fp32."""
-    real = vae.decode
+    """The VAE's decoder returning NaN for one row in half precision, and (unless
+    ``only_below_fp32``) for every row it decodes in fp32. A forward hook: it goes wherever
+    the decoder goes, a copy made for an fp32 decode included."""
 
-    def decode(latents: torch.Tensor, return_dict: bool = True) -> Any:
-        out = real(latents, return_dict=False)[0].clone()
-        if latents.dtype != torch.float32:
+    def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        if out.dtype != torch.float32:
             out[row] = float("nan")
         elif not only_below_fp32:
             out[:] = float("nan")
-        return (out,)
+        return out
 
-    vae.decode = decode
-
-    def restore() -> None:
-        del vae.decode
-
-    return restore
+    return vae.decoder.register_forward_hook(hook).remove  # type: ignore[no-any-return]
 
 
 def test_a_nan_in_half_precision_is_decoded_again_in_fp32(bf16: SDXLTurbo) -> None:
