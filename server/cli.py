@@ -22,13 +22,23 @@ app.add_typer(keys_app, name="keys")
 db_app = typer.Typer(no_args_is_help=True, help="The database: its schema version, upgrades.")
 app.add_typer(db_app, name="db")
 
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", help="a YAML or TOML settings file (default: SPILLWAY_CONFIG); "
+    "SPILLWAY_* variables override it")]
+config_app = typer.Typer(no_args_is_help=True, help="Check the settings.")
+app.add_typer(config_app, name="config")
 WeightsDir = Annotated[Path | None, typer.Option(
     "--weights-dir", help="default: SPILLWAY_WEIGHTS_DIR or ./weights")]
 
 
-def _settings(**overrides: object) -> Settings:
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**given)  # type: ignore[arg-type]
+def _settings(config: Path | None = None, **overrides: object) -> Settings:
+    """Options over SPILLWAY_* over the config file (``--config`` or SPILLWAY_CONFIG)."""
+    from server.config_file import ConfigError, load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -39,7 +49,7 @@ def _fail(message: str) -> typer.Exit:
 @app.command()
 def serve(host: Annotated[str | None, typer.Option()] = None,
           port: Annotated[int | None, typer.Option()] = None,
-          weights_dir: WeightsDir = None) -> None:
+          weights_dir: WeightsDir = None, config: ConfigFile = None) -> None:
     """Start the HTTP server (OpenAI-compatible, under /v1)."""
     import uvicorn
 
@@ -47,7 +57,7 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
     from server.app import create_app
     from server.ops import access_log
 
-    settings = _settings(host=host, port=port, weights_dir=weights_dir)
+    settings = _settings(config, host=host, port=port, weights_dir=weights_dir)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # At debug the HTTP stacks and SDKs print request and response headers: not theirs.
@@ -65,15 +75,15 @@ def serve(host: Annotated[str | None, typer.Option()] = None,
 
     from server.http.server import uvicorn_limits
 
-    config = uvicorn.Config(app_, host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(),
-                            access_log=False,  # ours has the route, cost and key name
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-                            # request heads bounded in size and time (server/http/server.py)
-                            **uvicorn_limits(settings))
+    server_config = uvicorn.Config(
+        app_, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        access_log=False,  # ours has the route, cost and key name
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # request heads bounded in size and time (server/http/server.py)
+        **uvicorn_limits(settings))
     # After uvicorn.Config, which sets up uvicorn's own handlers: every handler gets it.
     redact.install(redact.RedactingFilter(redact.Redactor(redact.settings_secrets(settings))))
-    Server(config).run()
+    Server(server_config).run()
 
 
 @app.command()
@@ -363,3 +373,16 @@ def usage(group_by: Annotated[str, typer.Option(
 
 if __name__ == "__main__":  # pragma: no cover - `python -m server.cli`
     app()
+
+
+@config_app.command("check")
+def config_check(config: ConfigFile = None) -> None:
+    """Validate the settings (file and environment) and print them as YAML, every secret
+    masked: what the server would run with."""
+    import yaml
+
+    from server.config_file import effective
+
+    settings = _settings(config)
+    typer.echo(yaml.safe_dump(effective(settings), sort_keys=False, allow_unicode=True),
+               nl=False)
