@@ -87,10 +87,11 @@ def test_weights_commands(tmp_path: Path) -> None:
                               timeout=300)
 
     assert "no weights" in spillway("weights", "list").stdout
-    assert spillway("weights", "ensure").stdout.count("built") == 2  # SDXL and the VLM
-    assert spillway("weights", "ensure").stdout.count("using") == 2
+    # SDXL, the VLM and the tiny VAE
+    assert spillway("weights", "ensure").stdout.count("built") == 3
+    assert spillway("weights", "ensure").stdout.count("using") == 3
     listed = spillway("weights", "list").stdout
-    assert "sdxl-turbo-tiny" in listed and "vlm-tiny" in listed
+    assert "sdxl-turbo-tiny" in listed and "vlm-tiny" in listed and "taesdxl-tiny" in listed
     failed = spillway("weights", "fetch", "sdxl-turbo", "--endpoint",
                       f"http://127.0.0.1:{free_port()}")
     assert failed.returncode == 1
