@@ -26,7 +26,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (4, ("server.routing",)),
     (3, ("server.providers",)),
     (2, ("server.wire", "server.media", "server.store")),
-    (1, ("server.catalog", "server.job", "server.errors", "server.config", "server.redact",
+    (1, ("server.catalog", "server.job", "server.errors", "server.config",
+         "server.config_file", "server.redact",
          "server.retry_after")),
     (0, ("pipelines",)),
 ]

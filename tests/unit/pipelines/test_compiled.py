@@ -4,7 +4,6 @@ mix of batch sizes, sizes and decoders arrives."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -86,10 +85,9 @@ def test_warmed_buckets_never_compile_again(tiny_weights: Path, eager: SDXLTurbo
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor needs a C++ compiler on the CPU (Debian: apt install g++)")
-@pytest.mark.skipif(os.environ.get("SPILLWAY_TEST_INDUCTOR") != "1",
-                    reason="inductor on 2 CPU cores: 52 s for one bucket with both decoders; "
-                    "SPILLWAY_TEST_INDUCTOR=1 runs it")
 def test_inductor_makes_the_same_pictures(tiny_weights: Path, eager: SDXLTurbo) -> None:
+    """The real compiler (C++ codegen on the CPU): ~50 s on 2 cores for one bucket with both
+    decoders, the price of checking its pixels against eager here."""
     from torch._dynamo.utils import counters
 
     engine = load(tiny_weights)

@@ -17,18 +17,19 @@ from unicodedata import normalize
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from pipelines.vlm import ChatItem, _OffsetDetokenizer, _Row, _StreamDetokenizer, detokenizer
+from pipelines.vlm import ChatItem
 from pipelines.vlm_random import build_tokenizer
+from pipelines.vlm_rows import OffsetDetokenizer, Row, StreamDetokenizer, detokenizer
 
 # Characters of every UTF-8 length, combining marks, a ZWJ emoji sequence and a flag.
 POOL = (list("abcxyz ,.!?\n\t0123456789") + list("éèçñüßøΩЖж") + list("图片猫这是中文日本語")
         + list("😀😃🧡💜🌧") + ["☀️", "👩‍💻", "🇫🇷", "e\u0301"])
 SEEDS = range(300)
 
-Detok = _StreamDetokenizer | _OffsetDetokenizer
+Detok = StreamDetokenizer | OffsetDetokenizer
 KINDS: dict[str, Callable[[Any], Detok]] = {
-    "decode_stream": lambda tok: _StreamDetokenizer(tok.backend_tokenizer),
-    "offset": lambda tok: _OffsetDetokenizer(tok.decode),
+    "decode_stream": lambda tok: StreamDetokenizer(tok.backend_tokenizer),
+    "offset": lambda tok: OffsetDetokenizer(tok.decode),
 }
 
 
@@ -148,7 +149,7 @@ def test_a_real_replacement_character_at_the_end_is_flushed(tokenizer: Any, kind
 def test_rows_stream_the_whole_decode(tokenizer: Any) -> None:
     """Through a row (the fast tokenizer picks DecodeStream): the final text is the whole
     decode and the streamed pieces add up to it, for valid and invalid streams alike."""
-    assert isinstance(detokenizer(tokenizer), _StreamDetokenizer)
+    assert isinstance(detokenizer(tokenizer), StreamDetokenizer)
     pieces_of = token_pieces(tokenizer)
     for seed in SEEDS:
         rng = random.Random(seed)
@@ -158,7 +159,7 @@ def test_rows_stream_the_whole_decode(tokenizer: Any) -> None:
         ids = sprinkle_specials(random_tokenization(bytes(data), pieces_of, rng),
                                 tokenizer, rng)
         streamed: list[str] = []
-        row = _Row(ChatItem(messages=[], max_tokens=len(ids), on_text=streamed.append),
+        row = Row(ChatItem(messages=[], max_tokens=len(ids), on_text=streamed.append),
                    tokenizer, eos={-1})
         for token in ids:
             row.push(token)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from pipelines.vlm import ChatItem, _Row, fit_pixels
+from pipelines.vlm import ChatItem, fit_pixels
 from pipelines.vlm_random import build_tokenizer
+from pipelines.vlm_rows import Row
 
 
 class ByteTokenizer:
@@ -50,10 +51,10 @@ def tok(request: pytest.FixtureRequest, qwen: Any) -> Tok:
     return Tok(qwen, lambda data: [by_byte[b] for b in data], qwen.eos_token_id)
 
 
-def run(tok: Tok, item: ChatItem, text: bytes, eos: bool = False) -> tuple[_Row, list[str]]:
+def run(tok: Tok, item: ChatItem, text: bytes, eos: bool = False) -> tuple[Row, list[str]]:
     pieces: list[str] = []
     item.on_text = pieces.append
-    row = _Row(item, tok.tokenizer, {tok.eos})
+    row = Row(item, tok.tokenizer, {tok.eos})
     for token in [*tok.encode(text), *([tok.eos] if eos else [])]:
         row.push(token)
     return row, pieces
@@ -122,7 +123,7 @@ def test_tokens_after_finish_are_ignored(tok: Tok) -> None:
 
 def test_a_cancelled_row_stops_at_its_next_token(tok: Tok) -> None:
     gone = threading.Event()
-    row = _Row(item(max_tokens=50, cancel=gone), tok.tokenizer, {tok.eos})
+    row = Row(item(max_tokens=50, cancel=gone), tok.tokenizer, {tok.eos})
     row.push(tok.encode(b"a")[0])
     gone.set()
     row.push(tok.encode(b"b")[0])
@@ -133,7 +134,7 @@ def test_decoding_work_grows_linearly_with_the_answer() -> None:
     """Each token decodes a short window, not the whole row (which was O(n^2))."""
     tokenizer = ByteTokenizer()
     text = ("Streaming text, with ünïcödé and 中文 and 😀, " * 60).encode()
-    row = _Row(item(max_tokens=len(text), stop=("never here",)), tokenizer, {999})
+    row = Row(item(max_tokens=len(text), stop=("never here",)), tokenizer, {999})
     for token in text:
         row.push(token)
     assert row.text == text.decode()
