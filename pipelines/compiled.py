@@ -47,6 +47,8 @@ class _Entry(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in ("compiled", "_modules"):  # not built yet (a copy being made)
+                raise
             return getattr(self.compiled, name)
 
 

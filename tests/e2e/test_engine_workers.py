@@ -43,9 +43,9 @@ def settings(tiny_weights: Path, devices: str) -> Settings:
 
 
 def gen(base: str, prompt: str, seed: int, n: int = 1, size: str = "256x256",
-        timeout: float = 120) -> httpx.Response:
+        timeout: float = 120, **extra: object) -> httpx.Response:
     return httpx.post(f"{base}/v1/images/generations", timeout=timeout,
-                      json={"prompt": prompt, "seed": seed, "n": n, "size": size})
+                      json={"prompt": prompt, "seed": seed, "n": n, "size": size, **extra})
 
 
 def pixels(resp: httpx.Response, i: int = 0) -> np.ndarray:
@@ -84,9 +84,13 @@ def test_two_worker_processes_serve_the_same_pixels_as_the_server_process(
     with_workers = [gen(base, "a lighthouse", seed) for seed in (3, 4)]
     assert all(r.status_code == 200 for r in with_workers)
     assert np.abs(pixels(with_workers[0]) - pixels(with_workers[1])).max() > 0  # seeds differ
+    tiny = gen(base, "a lighthouse", 3, vae="tiny")  # the worker loaded the tiny VAE too
+    assert tiny.status_code == 200
+    assert np.abs(pixels(tiny) - pixels(with_workers[0])).mean() > 5
     with serve(create_app(settings(tiny_weights, "inprocess"), chat_loader=None)) as alone:
         for seed, r in zip((3, 4), with_workers, strict=True):
             assert np.abs(pixels(gen(alone, "a lighthouse", seed)) - pixels(r)).max() <= 1
+        assert np.abs(pixels(gen(alone, "a lighthouse", 3, vae="tiny")) - pixels(tiny)).max() <= 1
     models = httpx.get(f"{base}/v1/models").json()["data"][0]["spillway"]
     assert [w["state"] for w in models["workers"]] == ["ready", "ready"]
     assert sum(w["items"] for w in models["workers"]) >= 2
