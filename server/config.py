@@ -63,6 +63,9 @@ class EngineSettings(BaseModel):
                           "max-autotune"] = Field(
         "default", description="torch.compile's mode (README: which one was measured)")
     compile_backend: str = Field("inductor", description="torch.compile's backend")
+    compile_timeout_s: float = Field(
+        300.0, gt=0, description="with `compile`, a worker's load may take this much longer "
+        "per bucket and decoder (compiling the full UNet takes minutes per shape)")
     warm_buckets: list[str] = Field(
         default_factory=lambda: ["512x512@1", "512x512@4", "512x512@8", "512x512@16"],
         description="WIDTHxHEIGHT@BATCH shapes compiled and warmed at start-up; a batch of "
@@ -75,6 +78,13 @@ class EngineSettings(BaseModel):
 
         parse_buckets(v)  # a ValueError names the bad one
         return v
+
+    def load_deadline_s(self, decoders: int) -> float:
+        """How long an image worker may take to load: compiling and warming each bucket
+        with each decoder comes on top of loading the weights."""
+        if not self.compile:
+            return self.load_timeout_s
+        return self.load_timeout_s + self.compile_timeout_s * len(self.warm_buckets) * decoders
 
     def worker_devices(self, cuda_count: int, vlm: bool = True) -> list[str]:
         """The image model's worker processes ([] = the pipeline in this process); ``vlm``:

@@ -130,3 +130,24 @@ def test_an_image_that_is_not_finite_fails_its_request_alone() -> None:
     assert "NaN" in bad.message
     assert not isinstance(good, BaseException) and len(good.images) == 2  # type: ignore[attr-defined]
     assert local.batcher.snapshot().items_done == 4  # one batch of both requests
+
+
+def test_a_compiling_worker_gets_time_to_compile_and_serves(tiny_weights: Path) -> None:
+    """An engine worker process compiles at load; its load deadline grows by
+    compile_timeout_s per bucket and decoder, so a slow compile is not taken for a hung
+    load (and restarted, and compiled again...)."""
+    engine = EngineSettings(devices="cpu", compile=True, compile_backend="eager",
+                            warm_buckets=["64x64@1"], load_timeout_s=120,
+                            compile_timeout_s=30)
+    settings = Settings(weights_dir=tiny_weights, images=SMALL,
+                        batch=BatchSettings(warmup=False), engine=engine)
+    app = create_app(settings, chat_loader=None)
+    with serve(app) as url:
+        local = app.state.spillway.images
+        assert local is not None
+        (worker,) = local.workers
+        assert worker.load_timeout_s == 120 + 30 * 1 * 2  # one bucket, full and tiny VAE
+        assert "compiled 1 buckets" in worker.description
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        assert make(c).shape == (64, 64, 3) and make(c, vae="tiny").shape == (64, 64, 3)
+    assert EngineSettings(load_timeout_s=600).load_deadline_s(decoders=2) == 600

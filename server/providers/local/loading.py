@@ -138,10 +138,10 @@ def start_chat_workers(settings: Settings, devices: list[str], *,
                      settings.vlm.timeout_s, description, workers=workers)
 
 
-def _timeouts(settings: Settings) -> dict[str, float]:
+def _timeouts(settings: Settings, load_s: float | None = None) -> dict[str, float]:
     e = settings.engine
-    return {"load_timeout_s": e.load_timeout_s, "batch_timeout_s": e.batch_timeout_s,
-            "retry_base_s": e.restart_backoff_s}
+    return {"load_timeout_s": e.load_timeout_s if load_s is None else load_s,
+            "batch_timeout_s": e.batch_timeout_s, "retry_base_s": e.restart_backoff_s}
 
 
 def worker_threads(settings: Settings, workers: int) -> int:
@@ -166,7 +166,8 @@ def start_workers(settings: Settings, devices: list[str], *,
     weights = resolve_weights(settings)
     threads = worker_threads(settings, sum(1 for d in devices if d == "cpu") + other_cpu_workers)
     specs = [sdxl_spec(settings, weights, device, threads) for device in devices]
-    workers = [EngineProcess(spec, f"sdxl-{spec.device}-{i}", **_timeouts(settings))
+    load_s = settings.engine.load_deadline_s(decoders=2 if specs[0].tiny_vae else 1)
+    workers = [EngineProcess(spec, f"sdxl-{spec.device}-{i}", **_timeouts(settings, load_s))
                for i, spec in enumerate(specs)]
     description = _start_all(workers)
     vaes: tuple[VaeChoice, ...] = ("full", "tiny") if specs[0].tiny_vae else ("full",)
