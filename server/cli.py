@@ -34,11 +34,18 @@ WeightsDir = Annotated[Path | None, typer.Option(
 def _settings(config: Path | None = None, **overrides: object) -> Settings:
     """Options over SPILLWAY_* over the config file (``--config`` or SPILLWAY_CONFIG)."""
     from server.config_file import ConfigError, load_settings
+    from server.providers.pricing import unpriced_models
 
     try:
-        return load_settings(config, **overrides)
+        settings = load_settings(config, **overrides)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    unpriced = unpriced_models(settings)
+    if unpriced:
+        raise _fail(f"{', '.join(unpriced)} has no price: add it to "
+                    "prices.tokens_per_million (SPILLWAY_PRICES__TOKENS_PER_MILLION), or "
+                    "choose a model genai-prices knows")
+    return settings
 
 
 def _fail(message: str) -> typer.Exit:

@@ -23,7 +23,7 @@ from server.config import GeminiSettings, Prices
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
 from server.providers.base import ProviderError
-from server.providers.pricing import gemini_image_cost, nearest_shape, token_cost
+from server.providers.pricing import billed, gemini_image_cost, nearest_shape, token_cost
 from server.providers.upstream import (
     FOLLOW_REDIRECTS,
     Malformed,
@@ -245,7 +245,8 @@ class GeminiProvider:
         return ChatOutcome(
             text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, model=model,
-            cost_usd=token_cost(self.prices, model, prompt_tokens, completion_tokens),
+            cost_usd=billed(self.name, model, token_cost(
+                self.prices, self.name, model, prompt_tokens, completion_tokens)),
             request_id=resp.response_id)
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
 from server.providers.base import ProviderError
 from server.providers.pricing import (
+    billed,
     nearest_size,
     openai_image_cost,
     openai_quality_tier,
@@ -202,7 +203,8 @@ class OpenAIProvider:
         return ChatOutcome(
             text=text, finish_reason=str(finish), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, model=model,
-            cost_usd=token_cost(self.prices, model, prompt_tokens, completion_tokens),
+            cost_usd=billed(self.name, model, token_cost(
+                self.prices, self.name, model, prompt_tokens, completion_tokens)),
             request_id=_request_id(resp))
 
     async def close(self) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
-from server.config import Prices
+from server.config import Prices, Settings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPENAI_SIZE = "1024x1024"
 
@@ -32,13 +35,57 @@ def gemini_image_cost(prices: Prices, n: int) -> float:
     return prices.gemini_image * max(n, 0)
 
 
-def token_cost(prices: Prices, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-    """Per-million input/output prices; a model without a price costs 0.0."""
+# The price table for tokens: the operator's (``prices.tokens_per_million``) first, then
+# genai-prices (MIT, pydantic's maintained table of LLM prices, tiers included), read from
+# the snapshot in its wheel: nothing is fetched at serve time. Chosen over a hand-kept
+# table, which had only four models and priced every other name at $0.
+CATALOG_PROVIDERS = {"openai": "openai", "gemini": "google", "anthropic": "anthropic"}
+
+
+def _catalog_cost(provider: str, model: str, prompt_tokens: int,
+                  completion_tokens: int) -> float | None:
+    from genai_prices import Usage, calc_price
+
+    try:
+        price = calc_price(Usage(input_tokens=prompt_tokens, output_tokens=completion_tokens),
+                           model_ref=model, provider_id=CATALOG_PROVIDERS.get(provider))
+    except LookupError:
+        return None
+    return float(price.total_price)
+
+
+def token_cost(prices: Prices, provider: str, model: str, prompt_tokens: int,
+               completion_tokens: int) -> float | None:
+    """What these tokens cost on ``provider``'s ``model``: the configured per-million
+    input/output prices, else genai-prices' table; None when neither prices the model
+    (such a model is never sent: server/routing/decide.py)."""
+    prompt_tokens, completion_tokens = max(prompt_tokens, 0), max(completion_tokens, 0)
     rates = prices.tokens_per_million.get(model)
     if rates is None:
-        return 0.0
+        return _catalog_cost(provider, model, prompt_tokens, completion_tokens)
     per_in, per_out = rates
-    return (max(prompt_tokens, 0) * per_in + max(completion_tokens, 0) * per_out) / 1_000_000
+    return (prompt_tokens * per_in + completion_tokens * per_out) / 1_000_000
+
+
+def unpriced_models(settings: Settings) -> list[str]:
+    """The configured clouds' default chat models that have no price, as
+    ``section.field 'model'``: a server with one would spill chats to it at $0, so it does
+    not start (``spillway serve`` and ``spillway config check`` say which)."""
+    found = []
+    for name, cfg in (("openai", settings.openai), ("gemini", settings.gemini)):
+        if cfg.configured and token_cost(settings.prices, name, cfg.vision_model, 1, 1) is None:
+            found.append(f"{name}.vision_model {cfg.vision_model!r}")
+    return found
+
+
+def billed(provider: str, model: str, cost: float | None) -> float:
+    """A cloud call's cost for the ledger. None cannot happen (an unpriced model is refused
+    before it is sent); if it ever does, the answer still reaches its client and the log
+    says so loudly, rather than the call failing after it was paid for."""
+    if cost is None:
+        log.error("%s answered with %s, which has no price: recorded at $0", provider, model)
+        return 0.0
+    return cost
 
 
 def local_cost(prices: Prices, device_seconds: float) -> float:

@@ -4,11 +4,13 @@ Explicit model wins; a quality the policy calls critical goes to the preferred c
 otherwise the job spills when the local wait would miss its deadline, waits locally while
 the queue has room, and is refused with 429 (Retry-After = drain time) when it has none.
 A cloud provider is *usable* when it is configured, its circuit lets a request through,
-its rate limit has a slot now and its budget covers the job.
+its rate limit has a slot now, its budget covers the job and the job's model there has a
+price (an unpriced model is never sent: asked for by name, it is a 400).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +25,9 @@ class JobView:
     model: str | None  # as the client sent it
     quality: str | None
     deadline_s: float
-    cost_estimate: dict[str, float]  # provider -> USD this job would cost there
+    # provider -> USD this job would cost there; None: the model it would run there has no
+    # price, and an unpriced call is never sent
+    cost_estimate: Mapping[str, float | None]
 
 
 # Floating-point slack when comparing money against a limit: 0.1 + 0.2 spent of a 0.3
@@ -79,7 +83,8 @@ class Route:
 def _usable(job: JobView, signals: Signals, provider: str) -> bool:
     state = signals.clouds.get(provider)
     cost = job.cost_estimate.get(provider, 0.0)
-    return state is not None and state.usable(cost, signals.total_budget_left)
+    return state is not None and cost is not None and state.usable(cost,
+                                                                   signals.total_budget_left)
 
 
 def _clouds_in_order(job: JobView, signals: Signals, policy: Policy) -> list[str]:
@@ -105,6 +110,11 @@ def _explicit_cloud(job: JobView, signals: Signals, provider: str) -> Route:
         return Route("reject", "explicit", 400, "provider_not_configured",
                      f"The model {job.model!r} runs on {provider}, which is not configured "
                      "on this server.")
+    if provider in job.cost_estimate and job.cost_estimate[provider] is None:
+        return Route("reject", "explicit", 400, "model_not_priced",
+                     f"The model {job.model!r} has no price on this server, so it is never "
+                     "sent upstream; an operator can price it with "
+                     "SPILLWAY_PRICES__TOKENS_PER_MILLION.")
     if _usable(job, signals, provider):
         return Route(provider, "explicit")  # type: ignore[arg-type]
     # Configured but unhealthy, rate limited or over budget: the local model answers.

@@ -145,9 +145,11 @@ class Dispatcher:
         return pricing.openai_image_cost(prices, job.quality,
                                          nearest_size(job.width, job.height), job.n)
 
-    def _chat_cost(self, provider: str, job: ChatJob, prompt: int, completion: int) -> float:
+    def _chat_cost(self, provider: str, job: ChatJob, prompt: int, completion: int
+                   ) -> float | None:
+        """None: the upstream model has no price, so the job never goes there."""
         model = self._upstream_model(provider, "vision", job.model)
-        return pricing.token_cost(self.settings.prices, model, prompt, completion)
+        return pricing.token_cost(self.settings.prices, provider, model, prompt, completion)
 
     def cost_ceiling(self, job: ImageJob | ChatJob) -> float:
         """The most this job could cost on any configured upstream: what a key's USD
@@ -156,7 +158,8 @@ class Dispatcher:
             costs = [self._image_cost(p, job) for p in self.providers]
         else:
             prompt = self._rough_prompt_tokens(job)
-            costs = [self._chat_cost(p, job, prompt, job.max_tokens) for p in self.providers]
+            costs = [c for p in self.providers
+                     if (c := self._chat_cost(p, job, prompt, job.max_tokens)) is not None]
         return max(costs, default=0.0)
 
     @staticmethod
@@ -296,7 +299,7 @@ class Dispatcher:
         default_cloud = self.settings.router.vision_provider
         return Served("local", reason, pricing.local_cost(self.settings.prices, device_s),
                       self._chat_cost(default_cloud, job, outcome.prompt_tokens,
-                                      outcome.completion_tokens),
+                                      outcome.completion_tokens) or 0.0,
                       queue_s * 1000, device_s, None, outcome.prompt_tokens,
                       outcome.completion_tokens)
 
@@ -309,7 +312,7 @@ class Dispatcher:
                                        before_send)
         default_cloud = self.settings.router.vision_provider
         equivalent = self._chat_cost(default_cloud, job, outcome.prompt_tokens,
-                                     outcome.completion_tokens)
+                                     outcome.completion_tokens) or 0.0
         return outcome, Served(provider, reason, outcome.cost_usd, equivalent,
                                upstream_model=outcome.model,
                                prompt_tokens=outcome.prompt_tokens,
@@ -341,7 +344,8 @@ class Dispatcher:
         clouds = self._cloud_states(task, asked)
         policy = self._policy(task)
         for name in (policy.preferred, *(c for c in CLOUDS if c != policy.preferred)):
-            if clouds[name].usable(view.cost_estimate.get(name, 0.0), None):
+            cost = view.cost_estimate.get(name, 0.0)
+            if cost is not None and clouds[name].usable(cost, None):
                 return name
         return None
 

@@ -135,8 +135,11 @@ def test_pricing() -> None:
     assert openai_image_cost(PRICES, "hd", "1024x1024", 3) == 3 * table["high"]["1024x1024"]
     assert openai_image_cost(PRICES, "high", "640x480", 1) == table["high"]["1024x1024"]
     assert gemini_image_cost(PRICES, 4) == pytest.approx(4 * PRICES.gemini_image)
-    assert token_cost(PRICES, "gpt-4o-mini", 1_000_000, 2_000_000) == pytest.approx(0.15 + 1.2)
-    assert token_cost(PRICES, "no-such-model", 10**6, 10**6) == 0.0
+    assert token_cost(PRICES, "openai", "gpt-4o-mini", 1_000_000, 2_000_000) == \
+        pytest.approx(0.15 + 1.2)
+    # not in the configured table: genai-prices' (gpt-4.1: $2 in, $8 out per million)
+    assert token_cost(PRICES, "openai", "gpt-4.1", 1_000_000, 1_000_000) == pytest.approx(10.0)
+    assert token_cost(PRICES, "openai", "no-such-model", 10**6, 10**6) is None
     assert local_cost(PRICES, 3600) == pytest.approx(PRICES.local_gpu_per_hour)
 
 
@@ -227,7 +230,7 @@ def test_openai_chat_with_image(fake_openai: FakeOpenAI) -> None:
     assert out.completion_tokens == 7
     assert out.prompt_tokens > 85
     assert out.cost_usd == pytest.approx(
-        token_cost(PRICES, "gpt-4o-mini", out.prompt_tokens, out.completion_tokens))
+        token_cost(PRICES, "openai", "gpt-4o-mini", out.prompt_tokens, out.completion_tokens))
     assert out.cost_usd > 0
     assert out.model == "gpt-4o-mini" and out.request_id == "req_fake_1"
 
@@ -367,7 +370,8 @@ def test_gemini_chat(fake_gemini: FakeGemini) -> None:
     assert out.finish_reason == "stop"
     assert out.completion_tokens == 4 and out.prompt_tokens > 258
     assert out.cost_usd == pytest.approx(
-        token_cost(PRICES, "gemini-2.5-flash", out.prompt_tokens, out.completion_tokens))
+        token_cost(PRICES, "gemini", "gemini-2.5-flash", out.prompt_tokens,
+                   out.completion_tokens))
     assert out.model == "gemini-2.5-flash"
 
     [call] = fake_gemini.calls

@@ -132,3 +132,16 @@ def test_the_example_file_in_the_repo_is_valid() -> None:
     code, out = check("--config", str(example))
     assert code == 0, out
     assert yaml.safe_load(out)["images"]["fast_qualities"] == ["low"]
+
+
+def test_a_configured_cloud_whose_chat_model_has_no_price_stops_the_start() -> None:
+    code, out = check(env={"SPILLWAY_OPENAI__API_KEY": "sk-x",
+                           "SPILLWAY_OPENAI__VISION_MODEL": "gpt-made-up"})
+    assert code == 1 and "openai.vision_model 'gpt-made-up' has no price" in out
+    assert "sk-x" not in out
+    # priced by the configured table, or by genai-prices' (gpt-4.1)
+    assert check(env={"SPILLWAY_OPENAI__API_KEY": "sk-x",
+                      "SPILLWAY_OPENAI__VISION_MODEL": "gpt-made-up",
+                      "SPILLWAY_PRICES__TOKENS_PER_MILLION": '{"gpt-made-up": [1, 2]}'})[0] == 0
+    assert check(env={"SPILLWAY_OPENAI__API_KEY": "sk-x",
+                      "SPILLWAY_OPENAI__VISION_MODEL": "gpt-4.1"})[0] == 0

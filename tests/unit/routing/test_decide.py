@@ -196,3 +196,17 @@ def test_interactive_items_go_before_bulk_ones() -> None:
     taken = [pending[i].item.name for i in form_batch(pending, 1.0, policy).take]
     # the interactive item leads (its shape, 128) though bulk work is older; bulk fills in
     assert taken == ["live", "bulk-b"]
+
+
+def test_an_unpriced_model_is_never_sent() -> None:
+    """Asked for by name: a 400 naming it. Where overflow or a critical quality would take
+    it: that cloud is not usable, the next one (or local) takes the job."""
+    unpriced_openai = JobView("vision", "gpt-made-up", None, 5.0,
+                              {"openai": None, "gemini": 0.01})
+    route = decide(unpriced_openai, signals(wait=0), POLICY)
+    assert (route.where, route.status, route.code) == ("reject", 400, "model_not_priced")
+    assert "'gpt-made-up'" in route.message
+    overflow = JobView("vision", None, "high", 1.0, {"openai": None, "gemini": 0.01})
+    assert decide(overflow, signals(wait=9), POLICY).where == "gemini"
+    nowhere = JobView("vision", None, "high", 1.0, {"openai": None, "gemini": None})
+    assert decide(nowhere, signals(wait=0.5), POLICY).where == "local"
