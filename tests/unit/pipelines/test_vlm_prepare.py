@@ -15,21 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.registry import build_tiny_vlm
 from pipelines.vlm import ChatItem, Prompts, VisionLanguageModel
 from server.providers.local.work import WireChat
 
 SIZES = [[], [(40, 30)], [(300, 200), (64, 640)]]  # rows with 0, 1 and 2 images
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_vlm(tmp_path_factory.mktemp("weights")).path
-
-
-@pytest.fixture(scope="module")
-def vlm(folder: Path) -> VisionLanguageModel:
-    return VisionLanguageModel.load(folder, torch.device("cpu"))
 
 
 def picture(size: tuple[int, int], shade: int) -> Image.Image:

@@ -9,21 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
-from pipelines.registry import VLM, build_tiny_vlm, ensure_default
+from pipelines.registry import VLM, ensure_default
 from pipelines.vlm import ChatItem, ChatResult, Prompts, VisionLanguageModel
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_vlm(tmp_path_factory.mktemp("weights")).path
-
-
-@pytest.fixture(scope="module")
-def vlm(folder: Path) -> VisionLanguageModel:
-    return VisionLanguageModel.load(folder, torch.device("cpu"))
 
 
 def picture(size: tuple[int, int], color: tuple[int, int, int]) -> Image.Image:
