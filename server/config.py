@@ -258,6 +258,14 @@ class Prices(BaseModel):
         "medium": {"1024x1024": 0.042, "1024x1536": 0.063, "1536x1024": 0.063},
         "high": {"1024x1024": 0.167, "1024x1536": 0.25, "1536x1024": 0.25},
     })
+    # Other OpenAI image models, model -> the same kind of table; a model not named here is
+    # priced with `openai_image` (gpt-image-1's)
+    openai_image_models: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=lambda: {"gpt-image-1-mini": {
+            "low": {"1024x1024": 0.005, "1024x1536": 0.006, "1536x1024": 0.006},
+            "medium": {"1024x1024": 0.011, "1024x1536": 0.015, "1536x1024": 0.015},
+            "high": {"1024x1024": 0.036, "1024x1536": 0.052, "1536x1024": 0.052},
+        }})
     gemini_image: float = 0.039
     # model -> (input, output) USD per million tokens
     tokens_per_million: dict[str, tuple[float, float]] = Field(default_factory=lambda: {

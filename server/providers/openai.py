@@ -163,7 +163,7 @@ class OpenAIProvider:
         except Malformed as exc:
             raise self._fail(exc, op) from None
         # Price what was billed: as many images as came back.
-        cost = openai_image_cost(self.prices, job.quality, size, len(images))
+        cost = openai_image_cost(self.prices, job.quality, size, len(images), model)
         return ImageOutcome(images=images, model=model, cost_usd=cost,
                             request_id=_request_id(resp))
 

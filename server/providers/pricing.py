@@ -21,12 +21,15 @@ def openai_quality_tier(quality: str) -> str:
     return _QUALITY_TIERS.get(quality.lower(), "medium")
 
 
-def openai_image_cost(prices: Prices, quality: str, size_str: str, n: int) -> float:
-    """n gpt-image images at this quality and upstream size; an unpriced size costs
-    what 1024x1024 does."""
-    table = prices.openai_image.get(openai_quality_tier(quality))
+def openai_image_cost(prices: Prices, quality: str, size_str: str, n: int,
+                      model: str = "gpt-image-1") -> float:
+    """n images of this OpenAI model at this quality and upstream size: the model's own
+    table (``openai_image_models``), else gpt-image-1's; an unpriced size costs what
+    1024x1024 does."""
+    tiers = prices.openai_image_models.get(model, prices.openai_image)
+    table = tiers.get(openai_quality_tier(quality))
     if table is None:
-        table = prices.openai_image.get("medium", {})
+        table = tiers.get("medium", {})
     each = table.get(size_str, table.get(DEFAULT_OPENAI_SIZE, 0.0))
     return each * max(n, 0)
 

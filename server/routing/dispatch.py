@@ -143,7 +143,8 @@ class Dispatcher:
         if provider == "gemini":
             return pricing.gemini_image_cost(prices, job.n)
         return pricing.openai_image_cost(prices, job.quality,
-                                         nearest_size(job.width, job.height), job.n)
+                                         nearest_size(job.width, job.height), job.n,
+                                         self._upstream_model(provider, "image", job.model))
 
     def _chat_cost(self, provider: str, job: ChatJob, prompt: int, completion: int
                    ) -> float | None:

@@ -143,6 +143,15 @@ def test_pricing() -> None:
     assert local_cost(PRICES, 3600) == pytest.approx(PRICES.local_gpu_per_hour)
 
 
+def test_gpt_image_1_mini_is_billed_at_its_own_prices(fake_openai: FakeOpenAI) -> None:
+    """Not at gpt-image-1's (5x and more): the ledger's cost is what OpenAI bills."""
+    job = image_job(n=2, width=512, height=512, quality="low")
+    out = run(openai_provider(fake_openai), lambda p: p.generate_images(job, "gpt-image-1-mini"))
+    assert out.cost_usd == pytest.approx(2 * 0.005)
+    assert openai_image_cost(PRICES, "high", "1536x1024", 1, "gpt-image-1-mini") == 0.052
+    assert openai_image_cost(PRICES, "high", "1536x1024", 1) == 0.25  # gpt-image-1
+
+
 def test_helpers() -> None:
     assert nearest_size(512, 512) == "1024x1024"
     assert nearest_size(768, 512) == "1536x1024"

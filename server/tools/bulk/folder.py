@@ -97,6 +97,7 @@ class Sink:
         self.out_dir = out_dir
         self.prices = settings.prices
         self.provider = settings.router.image_provider
+        self.image_model = settings.openai.image_model
         self.summary = summary
         self.reporter = reporter
         self.lock = threading.Lock()
@@ -109,7 +110,7 @@ class Sink:
         from server.providers.pricing import nearest_size
 
         return openai_image_cost(self.prices, row.quality or "auto", nearest_size(width, height),
-                                 1)
+                                 1, self.image_model)
 
     def save(self, out: Output, data: bytes, *, route: str, model: str, cost_usd: float,
              latency_ms: float, width: int, height: int, seed: int) -> None:
