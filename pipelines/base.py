@@ -13,6 +13,11 @@ VaeChoice = Literal["full", "tiny"]
 VAE_CHOICES: tuple[VaeChoice, ...] = ("full", "tiny")
 ShapeKey = tuple[str, int, int, int, float, float, str]
 Picture = np.ndarray  # one made image: height x width x 3, uint8
+def vae_choices(tiny: bool) -> tuple[VaeChoice, ...]:
+    """The decoders a request may ask for: the model's own, and the tiny one if loaded."""
+    return ("full", "tiny") if tiny else ("full",)
+
+
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
                                   "fp32": torch.float32}
 

@@ -22,7 +22,15 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines.base import ImageItem, NotFinite, Picture, ShapeKey, VaeChoice, pick_dtype
+from pipelines.base import (
+    ImageItem,
+    NotFinite,
+    Picture,
+    ShapeKey,
+    VaeChoice,
+    pick_dtype,
+    vae_choices,
+)
 from pipelines.buckets import Bucket, plan_chunks
 from pipelines.compiled import Compiled
 from pipelines.postprocess import copy_out, finite_rows, to_uint8, unscale
@@ -158,7 +166,7 @@ class SDXLTurbo:
 
     @property
     def vae_choices(self) -> tuple[VaeChoice, ...]:
-        return ("full", "tiny") if "tiny" in self.vaes else ("full",)
+        return vae_choices("tiny" in self.vaes)
 
     def enable_xformers(self) -> None:
         try:

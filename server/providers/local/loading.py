@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pipelines.base import VaeChoice, pick_device
+from pipelines.base import pick_device, vae_choices
 from pipelines.registry import MODEL_ID, VLM, WeightsInfo, best_weights, decoders_for, describe
 from pipelines.sdxl_turbo import SDXLTurbo
 from pipelines.vlm import Prompts, VisionLanguageModel
@@ -63,11 +63,17 @@ def sdxl_spec(settings: Settings, weights: WeightsInfo, device: str,
                       warm_buckets=tuple(e.warm_buckets))
 
 
-def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
+def _load_here(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo, str]:
+    """The image pipeline in this process: it, its weights, its one-line description."""
     weights = resolve_weights(settings)
-    device = _device(settings)
-    engine, description = load_sdxl(sdxl_spec(settings, weights, str(device)), str(device))
+    device = str(_device(settings))
+    engine, description = load_sdxl(sdxl_spec(settings, weights, device), device)
     log.info("image model: %s", description)
+    return engine, weights, description
+
+
+def load_engine(settings: Settings) -> tuple[SDXLTurbo, WeightsInfo]:
+    engine, weights, _ = _load_here(settings)
     return engine, weights
 
 
@@ -79,9 +85,7 @@ def load_local_images(settings: Settings) -> LocalImages:
         vlm_cpus = sum(1 for d in settings.engine.vlm_worker_devices(cudas) if d == "cpu") \
             if settings.vlm.enabled else 0
         return start_workers(settings, devices, other_cpu_workers=vlm_cpus)
-    weights = resolve_weights(settings)
-    device = _device(settings)
-    engine, description = load_sdxl(sdxl_spec(settings, weights, str(device)), str(device))
+    engine, weights, description = _load_here(settings)
     return LocalImages(MODEL_ID, weights, engine.generate, batch_policy(settings),
                        settings.batch.default_timeout_s, description, vaes=engine.vae_choices,
                        fast_qualities=settings.images.fast_qualities)
@@ -170,10 +174,10 @@ def start_workers(settings: Settings, devices: list[str], *,
     workers = [EngineProcess(spec, f"sdxl-{spec.device}-{i}", **_timeouts(settings, load_s))
                for i, spec in enumerate(specs)]
     description = _start_all(workers)
-    vaes: tuple[VaeChoice, ...] = ("full", "tiny") if specs[0].tiny_vae else ("full",)
     return LocalImages(MODEL_ID, weights, None, batch_policy(settings),
                        settings.batch.default_timeout_s, description, workers=workers,
-                       vaes=vaes, fast_qualities=settings.images.fast_qualities)
+                       vaes=vae_choices(specs[0].tiny_vae is not None),
+                       fast_qualities=settings.images.fast_qualities)
 
 
 def _start_all(workers: list[EngineProcess] | list[ChatProcess]) -> str:
