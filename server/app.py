@@ -34,16 +34,22 @@ ChatLoader = Callable[[Settings], LocalChat]
 
 
 def build_providers(settings: Settings) -> dict[str, CloudProvider]:
-    """Cloud providers with a key in settings; a server without keys runs local-only."""
+    """One provider per configured upstream, by kind; without any, the server runs
+    local-only."""
     providers: dict[str, CloudProvider] = {}
-    if settings.openai.configured:
-        from server.providers.openai import OpenAIProvider
+    for up in settings.clouds:
+        if up.kind == "gemini":
+            from server.providers.gemini import GeminiProvider
 
-        providers["openai"] = OpenAIProvider(settings.openai, settings.prices)
-    if settings.gemini.configured:
-        from server.providers.gemini import GeminiProvider
+            providers[up.name] = GeminiProvider(up, settings.prices)
+        elif up.kind == "anthropic":
+            from server.providers.anthropic import AnthropicProvider
 
-        providers["gemini"] = GeminiProvider(settings.gemini, settings.prices)
+            providers[up.name] = AnthropicProvider(up, settings.prices)
+        else:
+            from server.providers.openai import OpenAIProvider
+
+            providers[up.name] = OpenAIProvider(up, settings.prices)
     return providers
 
 

@@ -16,18 +16,19 @@ Pure: no HTTP, no state; settings come in as arguments. The APIs really differ, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from pipelines.registry import SDXL, VLM
-from server.config import Settings
+from server.config import Settings, UpstreamSettings
 from server.errors import APIError, bad_request, model_not_found
 
 Task = Literal["image", "vision"]
 IMAGE_MODEL = SDXL.model_id  # "sdxl-turbo"
 VLM_MODEL = VLM.model_id  # "local-vlm"
 AUTO = "auto"  # the router decides, local first
-CLOUDS = ("openai", "gemini")
+CLOUDS = ("openai", "gemini")  # the upstreams of the two-cloud (section) configuration
 # What the images endpoints take as "not a cloud name": absent, empty, auto, the local model.
 IMAGE_NAMES: frozenset[str | None] = frozenset({None, "", AUTO, IMAGE_MODEL})
 LOCAL_MODELS = frozenset({IMAGE_MODEL, VLM_MODEL})
@@ -42,7 +43,17 @@ def cloud_of(model: str | None) -> str | None:
         return "openai"
     if name.startswith("gemini-"):
         return "gemini"
+    if name.startswith("claude-"):
+        return "anthropic"
     return None
+
+
+def upstreams_serving(clouds: Sequence[UpstreamSettings], task: Task,
+                      model: str | None) -> tuple[str, ...]:
+    """The upstreams a client asking for ``model`` by name may get, in config order."""
+    if not model or model in LOCAL_MODELS or model == AUTO:
+        return ()
+    return tuple(up.name for up in clouds if up.serves(task, model))
 
 
 def local_ids(task: Task, aliases: list[str]) -> frozenset[str]:
@@ -61,17 +72,21 @@ def local_chat_model(model: str, aliases: list[str]) -> str:
     return VLM_MODEL if model in aliases else model
 
 
-def check_image_model(model: str | None) -> None:
-    """Images: a local name, no name, or a cloud name; else 404."""
-    if model not in IMAGE_NAMES and cloud_of(model) is None:
+def check_image_model(model: str | None, clouds: Sequence[UpstreamSettings] = ()) -> None:
+    """Images: a local name, no name, a cloud name or one an upstream serves; else 404."""
+    if model not in IMAGE_NAMES and cloud_of(model) is None \
+            and not upstreams_serving(clouds, "image", model):
         raise model_not_found(str(model))
 
 
-def check_chat_model(model: str, aliases: list[str], *, chat_enabled: bool) -> None:
-    """Chat: the VLM, an alias of it, ``auto`` or a cloud name; else 404. The local names
-    are a 404 too while no VLM is enabled (``auto`` is the router's to place)."""
+def check_chat_model(model: str, aliases: list[str], *, chat_enabled: bool,
+                     clouds: Sequence[UpstreamSettings] = ()) -> None:
+    """Chat: the VLM, an alias of it, ``auto``, a cloud name or one an upstream serves;
+    else 404. The local names are a 404 too while no VLM is enabled (``auto`` is the
+    router's to place)."""
     local = chat_names(aliases)
-    if model not in local and cloud_of(model) is None:
+    if model not in local and cloud_of(model) is None \
+            and not upstreams_serving(clouds, "vision", model):
         raise model_not_found(model)
     if model in local and not chat_enabled and model != AUTO:
         raise APIError(404, "No vision-language model is enabled on this server.",

@@ -10,8 +10,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.config_upstreams import (
+    PLACES,
+    GeminiSettings,
+    OpenAISettings,
+    Place,
+    Prices,
+    RateLimit,
+    Tier,
+    Upstreams,
+    UpstreamSettings,
+    default_limits,
+    legacy_upstreams,
+    reference_upstream,
+    section_upstream,
+)
+
+__all__ = ["GeminiSettings", "OpenAISettings", "Prices", "RateLimit", "Tier",
+           "UpstreamSettings"]
 
 
 class BatchSettings(BaseModel):
@@ -199,98 +226,38 @@ class VlmSettings(BaseModel):
         "low": 448 * 448, "auto": 1024 * 1024, "high": 1792 * 1792})
 
 
-class OpenAISettings(BaseModel):
-    """OpenAI, an OpenAI-compatible relay (base_url), or Azure OpenAI (azure_endpoint)."""
-
-    api_key: SecretStr | None = None
-    base_url: str | None = None
-    azure_endpoint: str | None = None
-    azure_api_version: str = "2025-04-01-preview"
-    # Azure names deployments, not models: model name -> deployment name
-    azure_deployments: dict[str, str] = Field(default_factory=dict)
-    organization: str | None = None
-    image_model: str = "gpt-image-1"
-    vision_model: str = "gpt-4o-mini"
-    timeout_s: float = Field(120.0, gt=0)
-
-    @property
-    def configured(self) -> bool:
-        return self.api_key is not None and bool(self.api_key.get_secret_value())
-
-
-class GeminiSettings(BaseModel):
-    api_key: SecretStr | None = None
-    base_url: str | None = None
-    api_version: str | None = None
-    image_model: str = "gemini-2.5-flash-image"
-    vision_model: str = "gemini-2.5-flash"
-    timeout_s: float = Field(120.0, gt=0)
-
-    @property
-    def configured(self) -> bool:
-        return self.api_key is not None and bool(self.api_key.get_secret_value())
-
-
-class RateLimit(BaseModel):
-    per_minute: int = Field(ge=1)
-    burst: int = Field(ge=1, description="at most this many in any burst_window_s")
-    burst_window_s: float = Field(10.0, gt=0)
-
-
-def _default_limits() -> dict[str, RateLimit]:
-    # Published tier-1 limits (requests per minute); the burst keeps a minute's worth
-    # from leaving in one second.
-    return {
-        "gpt-image-1": RateLimit(per_minute=5, burst=3),
-        "gpt-image-1-mini": RateLimit(per_minute=5, burst=3),
-        "gpt-4o-mini": RateLimit(per_minute=500, burst=100),
-        "gpt-4o": RateLimit(per_minute=500, burst=100),
-        "gemini-2.5-flash-image": RateLimit(per_minute=10, burst=5),
-        "gemini-2.5-flash": RateLimit(per_minute=1000, burst=200),
-    }
-
-
-class Prices(BaseModel):
-    """USD. gpt-image-1 per image by quality and size; tokens per million."""
-
-    openai_image: dict[str, dict[str, float]] = Field(default_factory=lambda: {
-        "low": {"1024x1024": 0.011, "1024x1536": 0.016, "1536x1024": 0.016},
-        "medium": {"1024x1024": 0.042, "1024x1536": 0.063, "1536x1024": 0.063},
-        "high": {"1024x1024": 0.167, "1024x1536": 0.25, "1536x1024": 0.25},
-    })
-    # Other OpenAI image models, model -> the same kind of table; a model not named here is
-    # priced with `openai_image` (gpt-image-1's)
-    openai_image_models: dict[str, dict[str, dict[str, float]]] = Field(
-        default_factory=lambda: {"gpt-image-1-mini": {
-            "low": {"1024x1024": 0.005, "1024x1536": 0.006, "1536x1024": 0.006},
-            "medium": {"1024x1024": 0.011, "1024x1536": 0.015, "1536x1024": 0.015},
-            "high": {"1024x1024": 0.036, "1024x1536": 0.052, "1536x1024": 0.052},
-        }})
-    gemini_image: float = 0.039
-    # model -> (input, output) USD per million tokens
-    tokens_per_million: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
-        "gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00),
-        "gemini-2.5-flash": (0.30, 2.50),
-    })
-    local_gpu_per_hour: float = Field(2.0, ge=0, description="what an hour of the box costs")
-
-
 class RouterSettings(BaseModel):
     spill: bool = Field(True, description="overflow goes to the cloud when a deadline would slip")
-    critical_qualities: list[str] = Field(default_factory=lambda: ["high", "hd"])
-    image_provider: str = Field("openai", description="preferred cloud for images")
-    vision_provider: str = Field("openai", description="preferred cloud for vision chat")
+    critical_qualities: list[str] = Field(
+        default_factory=lambda: ["high", "hd"],
+        description="qualities that go to the best tier usable, not to this box")
+    image_provider: str | None = Field(
+        None, description="an upstream that goes first for images whenever it is usable; "
+        "none: the cheapest usable (with only the openai/gemini sections: openai)")
+    vision_provider: str | None = Field(
+        None, description="the same for vision chat")
+    overflow_tier: Tier = Field(
+        "economy", description="work the local queue would be late with goes to the "
+        "cheapest usable upstream of this tier or better")
     default_deadline_ms: float = Field(30_000, gt=0)
     bulk_spill: bool = Field(False, description="may batch-job work spill to the cloud")
+    bulk_tiers: list[Place] = Field(
+        default_factory=lambda: list(PLACES),
+        description="where batch-job work may run (a batch's metadata `spillway_tiers` "
+        "narrows it per batch, e.g. \"local,economy\")")
     local_failover: bool = Field(True, description="a local failure may retry on the cloud")
     gemini_names: Literal["route", "explicit"] = Field(
         "route", description="on the Gemini-compatible API, gemini-* model names mean a job "
         "of that kind for the router (local first) or, with 'explicit', Gemini itself")
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)
-    rate_limits: dict[str, RateLimit] = Field(default_factory=_default_limits)
-    daily_budget_usd: dict[str, float] = Field(
-        default_factory=lambda: {"openai": 20.0, "gemini": 20.0, "total": 30.0})
+    rate_limits: dict[str, RateLimit] = Field(
+        default_factory=default_limits, description="model -> limit, for every upstream "
+        "that does not set its own")
+    daily_budget_usd: dict[str, NonNegativeFloat] = Field(
+        default_factory=lambda: {"openai": 20.0, "gemini": 20.0, "total": 30.0},
+        description="upstream name -> USD per UTC day (an upstream's own daily_budget_usd "
+        "wins), and `total` for all of them together")
 
 
 class Settings(BaseSettings):
@@ -329,6 +296,7 @@ class Settings(BaseSettings):
     images: ImageSettings = ImageSettings()
     media: MediaSettings = MediaSettings()
     vlm: VlmSettings = VlmSettings()
+    upstreams: Upstreams
     openai: OpenAISettings = OpenAISettings()
     gemini: GeminiSettings = GeminiSettings()
     router: RouterSettings = RouterSettings()
@@ -340,3 +308,50 @@ class Settings(BaseSettings):
     storage_min_free_mb: int = Field(
         64, ge=0, description="/readyz reports storage trouble below this much free space "
         "where batch files and the SQLite ledger live")
+
+    _clouds: list[UpstreamSettings] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_list_of_upstreams(self) -> Settings:
+        legacy = legacy_upstreams(self.openai, self.gemini)
+        if self.upstreams and legacy:
+            raise ValueError(
+                f"upstreams: the {' and '.join(u.name for u in legacy)} section also has a "
+                "key; with an upstreams list, put every cloud in the list")
+        clouds = self.upstreams or legacy
+        seen: set[str] = set()
+        for i, up in enumerate(clouds):
+            if up.name in seen or up.name in ("local", "total"):
+                raise ValueError(f"upstreams.{i}.name: {up.name!r} is "
+                                 + ("used twice" if up.name in seen else "reserved"))
+            seen.add(up.name)
+        self._clouds = clouds
+        return self
+
+    @property
+    def clouds(self) -> list[UpstreamSettings]:
+        """The cloud upstreams, in the order given: the ``upstreams`` list, or the
+        ``openai`` and ``gemini`` sections as the upstreams of those names."""
+        return self._clouds
+
+    def preferred(self, task: str) -> str | None:
+        """The upstream that goes first for this task whenever it is usable."""
+        named = self.router.image_provider if task == "image" else self.router.vision_provider
+        if named is None and not self.upstreams:
+            return "openai"  # the two-cloud configuration: OpenAI first, as it always was
+        return named
+
+    def reference(self, task: str, clouds: list[UpstreamSettings] | None = None
+                  ) -> UpstreamSettings:
+        """The upstream whose price local work is compared with (what it would have cost
+        in the cloud): the preferred one, else the first listed that does this work, else
+        the openai section's (the preferred section's), configured or not."""
+        preferred = self.preferred(task)
+        found = reference_upstream(self.clouds if clouds is None else clouds, preferred, task)
+        return found or section_upstream(self.openai, self.gemini, preferred or "openai")
+
+    def budget(self, upstream: UpstreamSettings) -> float | None:
+        """An upstream's own daily budget, else ``router.daily_budget_usd[name]``."""
+        if upstream.daily_budget_usd is not None:
+            return upstream.daily_budget_usd
+        return self.router.daily_budget_usd.get(upstream.name)

@@ -127,7 +127,8 @@ def settings_secrets(settings: Settings) -> list[str]:
     """Every secret the configuration holds: upstream keys, the admin key, the ledger
     database's password."""
     secrets = [s.get_secret_value()
-               for s in (settings.openai.api_key, settings.gemini.api_key, settings.admin_key)
+               for s in (settings.openai.api_key, settings.gemini.api_key, settings.admin_key,
+                         *(up.api_key for up in settings.upstreams))
                if s is not None]
     try:
         password = urllib.parse.urlsplit(settings.ledger_url).password

@@ -87,8 +87,7 @@ class AppState:
         """The one snapshot /readyz, /v1/models, the metrics and the dashboard read."""
         status: Status = ("ready" if self.ready else
                           "failed" if self.load_error is not None else "loading")
-        return read_live(status, self.images, self.chat, self.dispatcher,
-                         self.settings.router.daily_budget_usd)
+        return read_live(status, self.images, self.chat, self.dispatcher)
 
     def storage_problem(self) -> str | None:
         """What /readyz says is wrong with storage: ledger rows that could not be written

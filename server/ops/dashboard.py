@@ -141,6 +141,7 @@ def build(*, now: datetime, today: Sequence[dict[str, Any]],
     hour_cost = sum(m["cost_usd"] for m in minutes)
     hour_cloud = sum(m["cloud_equivalent_usd"] for m in minutes)
     spent = {str(r["group"]): float(r["cost_usd"]) for r in today}
+    requests = {str(r["group"]): int(r["requests"]) for r in today}
     return {
         "object": "dashboard",
         "now": now.isoformat(),
@@ -152,8 +153,8 @@ def build(*, now: datetime, today: Sequence[dict[str, Any]],
         "workers": [{"model": m.model, **{f: getattr(w, f) for f in WORKER_FIELDS}}
                     for m in live.models for w in m.workers],
         "queued": sum(m.queued for m in live.models),
-        "clouds": [{**asdict(c), "spent_today_usd": spent.get(c.name, 0.0)}
-                   for c in live.clouds],
+        "clouds": [{**asdict(c), "spent_today_usd": spent.get(c.name, 0.0),
+                    "requests_today": requests.get(c.name, 0)} for c in live.clouds],
         "images_per_s": images_per_s(minutes, now),
         "today": {"start": now.replace(hour=0, minute=0, second=0, microsecond=0).isoformat(),
                   **_today(today)},

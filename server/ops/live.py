@@ -4,7 +4,6 @@ and the dashboard all read this one, so they never disagree."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,10 +52,12 @@ class LocalModel:
 
 @dataclass(frozen=True)
 class Cloud:
-    name: str
+    name: str  # the upstream's
     configured: bool
     circuit: str  # "closed" | "open" | "half_open"
-    budget_usd: float | None  # today's budget for this provider, if any
+    budget_usd: float | None  # today's budget for this upstream, if any
+    kind: str = "openai"  # openai, azure, openai-compatible, gemini, anthropic
+    tier: str = "standard"
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,11 @@ def local_model(kind: str, local: LocalImages | LocalChat) -> LocalModel:
 
 
 def read_live(status: Status, images: LocalImages | None, chat: LocalChat | None,
-              dispatcher: Dispatcher | None, budgets: Mapping[str, float]) -> Live:
+              dispatcher: Dispatcher | None) -> Live:
     models = tuple(local_model(kind, local) for kind, local in
                    (("images", images), ("chat", chat)) if local is not None)
     clouds = () if dispatcher is None else tuple(
-        Cloud(name, name in dispatcher.providers, breaker.state, budgets.get(name))
-        for name, breaker in dispatcher.breakers.items())
+        Cloud(name, name in dispatcher.providers, dispatcher.breakers[name].state,
+              dispatcher.settings.budget(up), up.kind, up.tier)
+        for name, up in dispatcher.upstreams.items())
     return Live(status, models, clouds)

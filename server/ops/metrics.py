@@ -27,7 +27,6 @@ from prometheus_client.registry import Collector
 from server import catalog
 from server.ops.live import Live
 from server.providers.local.batcher import BatchDone
-from server.routing.decide import CLOUDS
 from server.store.ledger import UsageRow
 
 if TYPE_CHECKING:
@@ -50,6 +49,7 @@ def known_models(settings: Settings) -> frozenset[str]:
         settings.openai.image_model, settings.openai.vision_model,
         settings.gemini.image_model, settings.gemini.vision_model,
         *settings.router.rate_limits, *settings.prices.tokens_per_million,
+        *(m for up in settings.clouds for m in up.named_models()),
     })
 
 
@@ -156,7 +156,7 @@ class Metrics:
             self.tokens.labels(row.route, "prompt").inc(row.prompt_tokens)
         if row.completion_tokens:
             self.tokens.labels(row.route, "completion").inc(row.completion_tokens)
-        if row.route in CLOUDS:
+        if row.route != "local":
             self.spills.labels(row.route, row.reason or "unknown").inc()
             self.cloud_cost.labels(row.route).inc(max(0.0, row.cost_usd))
 

@@ -19,11 +19,12 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from PIL import Image
 
-from server.config import GeminiSettings, Prices
+from server.config import GeminiSettings, Prices, UpstreamSettings
+from server.config_upstreams import as_upstream
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
 from server.providers.base import ProviderError
-from server.providers.pricing import billed, gemini_image_cost, nearest_shape, token_cost
+from server.providers.pricing import billed, chat_cost, image_cost, nearest_shape
 from server.providers.upstream import (
     FOLLOW_REDIRECTS,
     Malformed,
@@ -108,12 +109,12 @@ class GeminiProvider:
     """Gemini images (``gemini-2.5-flash-image``) and vision chat through
     ``google.genai.Client(...).aio.models.generate_content``."""
 
-    name = "gemini"
-
-    def __init__(self, settings: GeminiSettings, prices: Prices) -> None:
+    def __init__(self, settings: UpstreamSettings | GeminiSettings, prices: Prices) -> None:
+        settings = as_upstream(settings)
         key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         if not key:
-            raise ValueError("Gemini is not configured: no api_key")
+            raise ValueError(f"{settings.name} is not configured: no api_key")
+        self.name = settings.name
         self.settings = settings
         self.prices = prices
         self._secrets = (key, key.strip())
@@ -185,14 +186,16 @@ class GeminiProvider:
             raise self._fail(self._error(exc, op)) from None
         request_id = next((rid for _, rid in answers if rid), None)
         return ImageOutcome(images=images, model=model,
-                            cost_usd=gemini_image_cost(self.prices, len(images)),
+                            cost_usd=billed(self.name, model, image_cost(
+                                self.prices, self.settings, model, job.quality, job.width,
+                                job.height, len(images))),
                             request_id=request_id)
 
     async def _one_image(self, model: str, contents: list[Any],
                          config: types.GenerateContentConfig,
                          op: str) -> tuple[bytes, str | None]:
         resp = await self._call(op, lambda: self.client.aio.models.generate_content(
-            model=model, contents=contents, config=config))
+            model=self.settings.wire_name(model), contents=contents, config=config))
         for candidate in resp.candidates or []:
             for part in (candidate.content.parts if candidate.content else None) or []:
                 blob = part.inline_data
@@ -226,7 +229,7 @@ class GeminiProvider:
             temperature=job.temperature, top_p=job.top_p,
             stop_sequences=list(job.stop) if job.stop else None, seed=job.seed)
         resp = await self._call("chat", lambda: self.client.aio.models.generate_content(
-            model=model, contents=contents, config=config))
+            model=self.settings.wire_name(model), contents=contents, config=config))
         candidates = resp.candidates or []
         if not candidates:
             if resp.prompt_feedback is not None and resp.prompt_feedback.block_reason:
@@ -245,8 +248,8 @@ class GeminiProvider:
         return ChatOutcome(
             text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, model=model,
-            cost_usd=billed(self.name, model, token_cost(
-                self.prices, self.name, model, prompt_tokens, completion_tokens)),
+            cost_usd=billed(self.name, model, chat_cost(
+                self.prices, self.settings, model, prompt_tokens, completion_tokens)),
             request_id=resp.response_id)
 
     async def close(self) -> None:

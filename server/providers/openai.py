@@ -19,16 +19,18 @@ from typing import Any, Literal, cast
 import openai
 from PIL import Image
 
-from server.config import OpenAISettings, Prices
+from server.config import OpenAISettings, Prices, UpstreamSettings
+from server.config_upstreams import as_upstream
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
 from server.providers.base import ProviderError
 from server.providers.pricing import (
     billed,
-    nearest_size,
-    openai_image_cost,
+    chat_cost,
+    image_cost,
+    image_usage_cost,
     openai_quality_tier,
-    token_cost,
+    upstream_size,
 )
 from server.providers.upstream import (
     FOLLOW_REDIRECTS,
@@ -83,39 +85,36 @@ def _status_failure(exc: BaseException) -> StatusFailure | None:
 
 class OpenAIProvider:
     """OpenAI images and vision chat through ``openai.AsyncOpenAI`` (``AsyncAzureOpenAI``
-    when ``azure_endpoint`` is set)."""
+    for an azure upstream): OpenAI itself, a relay, or Azure."""
 
-    name = "openai"
-
-    def __init__(self, settings: OpenAISettings, prices: Prices) -> None:
-        key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+    def __init__(self, settings: UpstreamSettings | OpenAISettings, prices: Prices) -> None:
+        up = as_upstream(settings)
+        key = up.api_key.get_secret_value() if up.api_key is not None else ""
         if not key:
-            raise ValueError("OpenAI is not configured: no api_key")
-        self.settings = settings
+            raise ValueError(f"{up.name} is not configured: no api_key")
+        self.name = up.name
+        self.settings = up
         self.prices = prices
         self._secrets = (key,)
-        self._azure = settings.azure_endpoint is not None
         # The SDK's own client class (its timeouts and pool limits), but not its
         # follow_redirects=True; closed by ``self.client.close()``.
         http_client = openai.DefaultAsyncHttpxClient(follow_redirects=FOLLOW_REDIRECTS)
         self.client: openai.AsyncOpenAI
-        if settings.azure_endpoint is not None:
+        if up.kind == "azure":
             self.client = openai.AsyncAzureOpenAI(
-                api_key=key, azure_endpoint=settings.azure_endpoint,
-                api_version=settings.azure_api_version, organization=settings.organization,
-                max_retries=0, timeout=settings.timeout_s, http_client=http_client)
+                api_key=key, azure_endpoint=str(up.azure_endpoint),
+                api_version=up.azure_api_version, organization=up.organization,
+                max_retries=0, timeout=up.timeout_s, http_client=http_client)
         else:
             # base_url is always passed, so OPENAI_BASE_URL in the environment is ignored.
             self.client = openai.AsyncOpenAI(
-                api_key=key, base_url=settings.base_url or OPENAI_BASE_URL,
-                organization=settings.organization, max_retries=0,
-                timeout=settings.timeout_s, http_client=http_client)
+                api_key=key, base_url=up.base_url or OPENAI_BASE_URL,
+                organization=up.organization, max_retries=0,
+                timeout=up.timeout_s, http_client=http_client)
 
     def _upstream_model(self, model: str) -> str:
-        """Azure addresses deployments: the configured one for this model, or the name."""
-        if self._azure:
-            return self.settings.azure_deployments.get(model, model)
-        return model
+        """The name the upstream knows the model by (an Azure deployment, a relay's)."""
+        return self.settings.wire_name(model)
 
     # -- errors
 
@@ -127,45 +126,75 @@ class OpenAIProvider:
 
     # -- images
 
+    def _image_params(self, job: ImageJob, model: str) -> dict[str, Any]:
+        """What this model takes: gpt-image models a quality and an output format (and
+        always answer in base64); DALL-E a response format, and DALL-E 3 standard or hd."""
+        params: dict[str, Any] = {"model": self._upstream_model(model),
+                                  "size": upstream_size(model, job.width, job.height)}
+        family = model.lower()
+        if family.startswith("dall-e"):
+            params["response_format"] = "b64_json"
+            if family.startswith("dall-e-3"):
+                params["quality"] = "hd" if openai_quality_tier(job.quality) == "high" \
+                    else "standard"
+        else:
+            params["quality"] = upstream_quality(job.quality)
+            params["output_format"] = "png"
+        return params
+
     async def generate_images(self, job: ImageJob, model: str) -> ImageOutcome:
-        size = nearest_size(job.width, job.height)
+        params = self._image_params(job, model)
+        # DALL-E 3 makes one image per call: n calls, at once.
+        calls = job.n if model.lower().startswith("dall-e-3") else 1
         try:
-            resp = await self.client.images.generate(
-                model=self._upstream_model(model), prompt=job.prompt, n=job.n, size=size,
-                quality=upstream_quality(job.quality), output_format="png")
+            resps = await asyncio.gather(*(self.client.images.generate(
+                prompt=job.prompt, n=job.n // calls, **params) for _ in range(calls)))
         except Exception as exc:
             raise self._fail(exc, "images.generate") from None
-        return await self._image_outcome(resp, job, model, size, "images.generate")
+        return await self._image_outcome(resps, job, model, "images.generate")
 
     async def edit_images(self, job: ImageJob, model: str) -> ImageOutcome:
         if not job.init_images:
             raise ProviderError(self.name, "client", "images.edit: no source image")
-        size = nearest_size(job.width, job.height)
+        params = self._image_params(job, model)
         pngs = await asyncio.to_thread(lambda: [png_bytes(im) for im in job.init_images])
         files = [(f"image_{i}.png", data, "image/png") for i, data in enumerate(pngs)]
         image: Any = files[0] if len(files) == 1 else files
         try:
-            resp = await self.client.images.edit(
-                model=self._upstream_model(model), image=image, prompt=job.prompt, n=job.n,
-                size=size, quality=upstream_quality(job.quality), output_format="png")
+            resp = await self.client.images.edit(image=image, prompt=job.prompt, n=job.n,
+                                                 **params)
         except Exception as exc:
             raise self._fail(exc, "images.edit") from None
-        return await self._image_outcome(resp, job, model, size, "images.edit")
+        return await self._image_outcome([resp], job, model, "images.edit")
 
-    async def _image_outcome(self, resp: object, job: ImageJob, model: str, size: str,
+    async def _image_outcome(self, resps: list[Any], job: ImageJob, model: str,
                              op: str) -> ImageOutcome:
         try:
-            data = getattr(resp, "data", None)
-            if not isinstance(data, list) or not data:
+            data = [item for resp in resps for item in (getattr(resp, "data", None) or [])]
+            if not data:
                 raise Malformed("no images in the answer")
             blobs = [b64decode_strict(getattr(item, "b64_json", None)) for item in data]
             images = await asyncio.to_thread(finish_images, blobs, job)
         except Malformed as exc:
             raise self._fail(exc, op) from None
-        # Price what was billed: as many images as came back.
-        cost = openai_image_cost(self.prices, job.quality, size, len(images), model)
-        return ImageOutcome(images=images, model=model, cost_usd=cost,
-                            request_id=_request_id(resp))
+        return ImageOutcome(images=images, model=model,
+                            cost_usd=billed(self.name, model, self._image_cost(
+                                resps, job, model, len(images))),
+                            request_id=_request_id(resps[0]))
+
+    def _image_cost(self, resps: list[Any], job: ImageJob, model: str, n: int
+                    ) -> float | None:
+        """What was billed: the token usage the answers report (gpt-image models), else
+        the price table for as many images as came back."""
+        usages = [u for resp in resps if (u := _image_usage(getattr(resp, "usage", None)))]
+        if len(usages) == len(resps):
+            cost = image_usage_cost(self.prices, self.settings, model,
+                                    sum(u[0] for u in usages), sum(u[1] for u in usages),
+                                    sum(u[2] for u in usages))
+            if cost is not None:
+                return cost
+        return image_cost(self.prices, self.settings, model, job.quality, job.width,
+                          job.height, n)
 
     # -- chat
 
@@ -203,12 +232,28 @@ class OpenAIProvider:
         return ChatOutcome(
             text=text, finish_reason=str(finish), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, model=model,
-            cost_usd=billed(self.name, model, token_cost(
-                self.prices, self.name, model, prompt_tokens, completion_tokens)),
+            cost_usd=billed(self.name, model, chat_cost(
+                self.prices, self.settings, model, prompt_tokens, completion_tokens)),
             request_id=_request_id(resp))
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _image_usage(usage: object) -> tuple[int, int, int] | None:
+    """(text input, image input, output) tokens an image answer reports; None if it
+    reports none. Input without a breakdown is counted as text."""
+    if usage is None:
+        return None
+    total_in = _int(getattr(usage, "input_tokens", None))
+    details = getattr(usage, "input_tokens_details", None)
+    image = _int(getattr(details, "image_tokens", None))
+    text = _int(getattr(details, "text_tokens", None), total_in - image)
+    return text, image, _int(getattr(usage, "output_tokens", None))
 
 
 def _request_id(resp: object) -> str | None:

@@ -66,7 +66,8 @@ class ChatServing:
 
     def check_model(self, model: str) -> None:
         """The catalog's answer for this server's aliases and whether its VLM is enabled."""
-        catalog.check_chat_model(model, self.settings.vlm.aliases, chat_enabled=self.enabled)
+        catalog.check_chat_model(model, self.settings.vlm.aliases, chat_enabled=self.enabled,
+                                 clouds=self.settings.clouds)
 
     def check(self, body: ChatRequest, *, batch: bool = False) -> tuple[ParsedChat, int]:
         """Every check short of fetching images: (the parsed messages, max_tokens)."""

@@ -30,7 +30,7 @@ Source = tuple[bytes | str, str]  # upload bytes or a URL, and the param it came
 
 def check_edit(req: ImageEditRequest, settings: Settings) -> None:
     """An edit's cheap checks, before any image is fetched or decoded."""
-    catalog.check_image_model(req.model)
+    catalog.check_image_model(req.model, settings.clouds)
     # The job with the source's size left open: every other field checked now.
     to_image_job(req.model_copy(update={"size": "auto"}), req.model or "auto",
                  settings.images)
@@ -48,12 +48,14 @@ class ImageServing:
 
     def generation_job(self, req: ImageGenerationRequest, model: str | None = None
                        ) -> ImageJob:
-        catalog.check_image_model(model if model is not None else req.model)
+        catalog.check_image_model(model if model is not None else req.model,
+                                    self.settings.clouds)
         return to_image_job(req, model or req.model or "auto", self.settings.images)
 
     async def edit_job(self, req: ImageEditRequest, sources: list[Source],
                        model: str | None = None) -> ImageJob:
-        catalog.check_image_model(model if model is not None else req.model)
+        catalog.check_image_model(model if model is not None else req.model,
+                                    self.settings.clouds)
         images = await self.edit_sources(req, sources)
         return to_edit_job(req, model or req.model or "auto", self.settings.images, images)
 

@@ -15,14 +15,26 @@ from starlette.datastructures import UploadFile
 
 from tests.fakes import FakeUpstream, color_for, echo_of, png_b64, run_app
 
-# gpt-image-1 image tokens per image at medium quality, by size (the usage block)
-_IMAGE_TOKENS = {"1024x1024": 1056, "1536x1024": 1584, "1024x1536": 1584}
+# gpt-image-1's output tokens per image, by quality and size (OpenAI's published counts),
+# for the usage block; a prompt is PROMPT_TOKENS text tokens.
+IMAGE_TOKENS = {
+    "low": {"1024x1024": 272, "1536x1024": 408, "1024x1536": 400},
+    "medium": {"1024x1024": 1056, "1536x1024": 1584, "1024x1536": 1568},
+    "high": {"1024x1024": 4160, "1536x1024": 6240, "1024x1536": 6208},
+}
+PROMPT_TOKENS = 50
 
 
 class FakeOpenAI(FakeUpstream):
     def __init__(self) -> None:
         super().__init__()
         self.app = self._build()
+
+    def _defaults(self) -> None:
+        super()._defaults()
+        # gpt-image models report their token usage; on, the answers carry it (and the
+        # ledger then bills by it), off they carry none (billed by the price table).
+        self.report_usage = False
 
     @property
     def base_url(self) -> str:
@@ -120,7 +132,7 @@ class FakeOpenAI(FakeUpstream):
         if mode == "wrong_shape":
             return JSONResponse({"created": int(time.time()),
                                  "data": [{"b64_json": "%%% not base64 %%%"}]}, headers=rid)
-        return JSONResponse(_images_answer(body), headers=rid)
+        return JSONResponse(_images_answer(body, self.report_usage), headers=rid)
 
     def _build(self) -> FastAPI:
         app = FastAPI()
@@ -183,20 +195,24 @@ def _size(body: dict[str, Any]) -> tuple[str, int, int]:
     return size, w, h
 
 
-def _images_answer(body: dict[str, Any]) -> dict[str, Any]:
+def _images_answer(body: dict[str, Any], usage: bool) -> dict[str, Any]:
     size, w, h = _size(body)
     n = int(body.get("n") or 1)
-    per_image = _IMAGE_TOKENS.get(size, 1056)
-    return {
+    quality = body.get("quality") if body.get("quality") in IMAGE_TOKENS else "medium"
+    per_image = IMAGE_TOKENS[str(quality)].get(size, 1056)
+    answer = {
         "created": int(time.time()),
         "data": [{"b64_json": png_b64(w, h, color_for(i))} for i in range(n)],
         "output_format": body.get("output_format") or "png",
         "quality": body.get("quality") or "medium",
         "size": size,
-        "usage": {"input_tokens": 50, "output_tokens": per_image * n,
-                  "total_tokens": 50 + per_image * n,
-                  "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}},
+        "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": per_image * n,
+                  "total_tokens": PROMPT_TOKENS + per_image * n,
+                  "input_tokens_details": {"text_tokens": PROMPT_TOKENS, "image_tokens": 0}},
     }
+    if not usage:
+        del answer["usage"]
+    return answer
 
 
 def _words(content: Any) -> tuple[str, int]:

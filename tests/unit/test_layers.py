@@ -27,7 +27,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (3, ("server.providers",)),
     (2, ("server.wire", "server.media", "server.store")),
     (1, ("server.catalog", "server.job", "server.errors", "server.config",
-         "server.config_file", "server.redact",
+         "server.config_file", "server.config_upstreams", "server.redact",
          "server.retry_after")),
     (0, ("pipelines",)),
 ]

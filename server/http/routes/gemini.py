@@ -68,7 +68,7 @@ async def _images(request: Request, state: AppState, asked: str, ask: GeminiAsk,
                   endpoint: str) -> Response:
     serving = state.require_serving()
     model = _model(state, asked, image=True)
-    catalog.check_image_model(model)
+    catalog.check_image_model(model, state.settings.clouds)
     if not ask.prompt.strip():
         raise bad_request("Image generation needs a text prompt in the last user turn.",
                           param="contents")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
-from server.providers.pricing import gemini_image_cost, openai_image_cost
+from server.providers.pricing import image_cost
 from server.tools.bulk.progress import Reporter
 from server.tools.bulk.rows import BulkError, BulkSummary, Output, Row
 
@@ -96,8 +96,7 @@ class Sink:
                  reporter: Reporter) -> None:
         self.out_dir = out_dir
         self.prices = settings.prices
-        self.provider = settings.router.image_provider
-        self.image_model = settings.openai.image_model
+        self.reference = settings.reference("image")
         self.summary = summary
         self.reporter = reporter
         self.lock = threading.Lock()
@@ -105,12 +104,10 @@ class Sink:
         self.manifest = (out_dir / MANIFEST).open("a", encoding="utf-8")
 
     def cloud_cost(self, row: Row, width: int, height: int) -> float:
-        if self.provider == "gemini":
-            return gemini_image_cost(self.prices, 1)
-        from server.providers.pricing import nearest_size
-
-        return openai_image_cost(self.prices, row.quality or "auto", nearest_size(width, height),
-                                 1, self.image_model)
+        """What this image would have cost on the upstream local work is compared with."""
+        model = self.reference.image_model or ""
+        return image_cost(self.prices, self.reference, model, row.quality or "auto", width,
+                          height, 1) or 0.0
 
     def save(self, out: Output, data: bytes, *, route: str, model: str, cost_usd: float,
              latency_ms: float, width: int, height: int, seed: int) -> None:

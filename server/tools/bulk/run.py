@@ -8,7 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.config import Settings
-from server.tools.bulk.folder import FolderLock, Sink, load_manifest, remove_partials
+from server.tools.bulk.folder import (
+    FolderLock,
+    Sink,
+    load_manifest,
+    remove_partials,
+)
 from server.tools.bulk.inprocess import run_local
 from server.tools.bulk.input import plan_rows
 from server.tools.bulk.progress import Reporter
@@ -29,7 +34,7 @@ def run_bulk(input_path: Path, out_dir: Path, settings: Settings, *, server: str
     if concurrency < 1:
         raise BulkError(f"concurrency {concurrency} is below 1")
     started = time.monotonic()
-    summary = BulkSummary(cloud_provider=settings.router.image_provider)
+    summary = BulkSummary(cloud_provider=settings.reference("image").name)
     resolved = out_dir.resolve()
     if resolved.exists() and not resolved.is_dir():
         raise BulkError(f"{out_dir} exists and is not a folder")

@@ -67,7 +67,8 @@ def test_today_share_cost_and_savings() -> None:
     assert t["start"] == "2025-06-15T00:00:00+00:00"
     clouds = {c["name"]: c for c in d["clouds"]}
     assert clouds["openai"] == {"name": "openai", "configured": True, "circuit": "closed",
-                                "budget_usd": 20.0, "spent_today_usd": 0.12}
+                                "budget_usd": 20.0, "spent_today_usd": 0.12,
+                                "kind": "openai", "tier": "standard", "requests_today": 2}
     assert clouds["gemini"]["spent_today_usd"] == 0.0 and clouds["gemini"]["circuit"] == "open"
 
 
