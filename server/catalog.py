@@ -74,6 +74,9 @@ def local_chat_model(model: str, aliases: list[str]) -> str:
 
 def check_image_model(model: str | None, clouds: Sequence[UpstreamSettings] = ()) -> None:
     """Images: a local name, no name, a cloud name or one an upstream serves; else 404."""
+    if cloud_of(model) == "anthropic":
+        raise bad_request(f"{model} does not make images; ask an image model, or none.",
+                          param="model", code="model_not_supported")
     if model not in IMAGE_NAMES and cloud_of(model) is None \
             and not upstreams_serving(clouds, "image", model):
         raise model_not_found(str(model))

@@ -43,8 +43,8 @@ def _settings(config: Path | None = None, **overrides: object) -> Settings:
     unpriced = unpriced_models(settings)
     if unpriced:
         raise _fail(f"{', '.join(unpriced)} has no price: add it to "
-                    "prices.tokens_per_million (SPILLWAY_PRICES__TOKENS_PER_MILLION), or "
-                    "choose a model genai-prices knows")
+                    "prices.tokens_per_million (SPILLWAY_PRICES__TOKENS_PER_MILLION) or the "
+                    "upstream's prices, or choose a model genai-prices knows")
     return settings
 
 

@@ -243,9 +243,15 @@ class RouterSettings(BaseModel):
     bulk_spill: bool = Field(False, description="may batch-job work spill to the cloud")
     bulk_tiers: list[Place] = Field(
         default_factory=lambda: list(PLACES),
-        description="where batch-job work may run (a batch's metadata `spillway_tiers` "
-        "narrows it per batch, e.g. \"local,economy\")")
+        description="where bulk work (batch jobs, bulk-priority keys) may run; naming it "
+        "lets bulk work spill to these tiers as bulk_spill does to all. A batch's metadata "
+        "`spillway_tiers` says it per batch, e.g. \"local,economy\"")
     local_failover: bool = Field(True, description="a local failure may retry on the cloud")
+
+    def bulk_may_spill(self, tiers: frozenset[str] | None) -> bool:
+        """May bulk work go to the cloud unasked (overflow, critical quality)? With
+        bulk_spill, or where the tiers it may use were named (here, or by its batch)."""
+        return self.bulk_spill or tiers is not None or "bulk_tiers" in self.model_fields_set
     gemini_names: Literal["route", "explicit"] = Field(
         "route", description="on the Gemini-compatible API, gemini-* model names mean a job "
         "of that kind for the router (local first) or, with 'explicit', Gemini itself")

@@ -148,18 +148,21 @@ class AnthropicProvider:
 
     def request(self, job: ChatJob, model: str, system: str | None,
                 turns: list[dict[str, Any]]) -> dict[str, Any]:
-        """The Messages API arguments for this job. Claude takes a temperature or a
-        top_p, not both: top_p goes only when the temperature is left at its default."""
+        """The Messages API arguments for this job. Sampling goes only when the client
+        set it: the SDK no longer names ``temperature`` or ``top_p`` (they travel in the
+        body), newer Claude models refuse values other than their default (a 400, which
+        fails over like any refusal), and Claude takes one of the two, not both."""
         params: dict[str, Any] = {"model": self.settings.wire_name(model),
-                                  "max_tokens": job.max_tokens, "messages": turns,
-                                  "temperature": min(job.temperature, 1.0)}
+                                  "max_tokens": job.max_tokens, "messages": turns}
         if system:
             params["system"] = system
         if job.stop:
             params["stop_sequences"] = list(job.stop)
-        if job.top_p < 1.0 and job.temperature == 1.0:
-            del params["temperature"]
-            params["top_p"] = job.top_p
+        if job.temperature != 1.0:
+            # OpenAI's scale is 0..2, Claude's 0..1: above 1 is Claude's most random.
+            params["extra_body"] = {"temperature": min(job.temperature, 1.0)}
+        elif job.top_p < 1.0:
+            params["extra_body"] = {"top_p": job.top_p}
         return params
 
     async def chat(self, job: ChatJob, model: str) -> ChatOutcome:

@@ -103,11 +103,10 @@ class Dispatcher:
                        batcher.estimated_wait([]), clouds, left)
 
     def _policy(self, task: Task, bulk: bool = False, tiers: Tiers = None) -> Policy:
-        """Bulk (batch-job) work goes to the cloud only by explicit model, unless
-        ``router.bulk_spill`` says it may spill and take critical qualities there too, or
-        the batch names the tiers it may use."""
+        """Bulk work goes to the cloud only by explicit model, unless it may spill
+        (``RouterSettings.bulk_may_spill``) and take critical qualities there too."""
         r = self.settings.router
-        cloud_ok = not bulk or r.bulk_spill or tiers is not None
+        cloud_ok = not bulk or r.bulk_may_spill(tiers)
         return Policy(spill=r.spill and cloud_ok,
                       critical_qualities=frozenset(r.critical_qualities if cloud_ok else ()),
                       preferred=self.settings.preferred(task),
@@ -274,11 +273,13 @@ class Dispatcher:
         retry = exc.retry_after_s if isinstance(exc, ProviderError) else None
         if isinstance(exc, ProviderError) and exc.kind == "rate_limited":
             return Route("reject", "failover", 429, "rate_limit_exceeded",
-                         "The cloud provider is rate limited and the local queue is full.",
+                         "The cloud provider is rate limited and the local queue is full."
+                         if local is not None else "The cloud provider is rate limited.",
                          retry_after_s=retry or 1.0)
+        here = "the local queue has no room" if local is not None else \
+            "no local model takes this work"
         return Route("reject", "failover", 502, "upstream_error",
-                     "The cloud provider failed and the local queue has no room.",
-                     retry_after_s=retry or 1.0)
+                     f"The cloud provider failed and {here}.", retry_after_s=retry or 1.0)
 
     def _clouds_after_local_failure(self, exc: APIError, view: JobView, signals: Signals,
                                     policy: Policy) -> list[str]:

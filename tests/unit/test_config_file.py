@@ -145,3 +145,84 @@ def test_a_configured_cloud_whose_chat_model_has_no_price_stops_the_start() -> N
                       "SPILLWAY_PRICES__TOKENS_PER_MILLION": '{"gpt-made-up": [1, 2]}'})[0] == 0
     assert check(env={"SPILLWAY_OPENAI__API_KEY": "sk-x",
                       "SPILLWAY_OPENAI__VISION_MODEL": "gpt-4.1"})[0] == 0
+
+
+UPSTREAMS_YAML = """\
+upstreams:
+  - name: relay-a
+    kind: openai-compatible
+    base_url: http://relay-a.lan/v1
+    api_key_env: RELAY_KEY
+    tier: economy
+    prices: {factor: 0.5}
+    rate_limits: {gpt-image-1: {per_minute: 60, burst: 10}}
+  - name: claude
+    kind: anthropic
+    api_key: sk-ant-inline-secret-99
+    tier: premium
+    daily_budget_usd: 12.5
+"""
+UPSTREAMS_ENV = {"SPILLWAY_UPSTREAMS": (
+    '[{"name": "relay-a", "kind": "openai-compatible", "base_url": "http://relay-a.lan/v1",'
+    ' "api_key_env": "RELAY_KEY", "tier": "economy", "prices": {"factor": 0.5},'
+    ' "rate_limits": {"gpt-image-1": {"per_minute": 60, "burst": 10}}},'
+    ' {"name": "claude", "kind": "anthropic", "api_key": "sk-ant-inline-secret-99",'
+    ' "tier": "premium", "daily_budget_usd": 12.5}]')}
+
+
+def test_upstreams_from_a_file_or_the_environment_are_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_KEY", "sk-relay-env-secret-42")
+    code, from_file = check("--config", str(write(tmp_path, "s.yaml", UPSTREAMS_YAML)))
+    assert code == 0, from_file
+    code, from_env = check(env=UPSTREAMS_ENV)
+    assert code == 0, from_env
+    assert from_file == from_env
+    for secret in ("sk-relay-env-secret-42", "sk-ant-inline-secret-99"):
+        assert secret not in from_file
+    relay, claude = yaml.safe_load(from_file)["upstreams"]
+    assert (relay["api_key"], relay["api_key_env"], relay["tier"]) == (
+        "**********", "RELAY_KEY", "economy")
+    assert (claude["api_key"], claude["image_model"], claude["vision_model"]) == (
+        "**********", None, "claude-haiku-4-5")
+
+
+BAD_UPSTREAM = {"name": "relay", "kind": "openai-compatible", "base_url": "http://r/v1",
+                "api_key_env": "RELAY_KEY"}
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"kind": "bedrock"}, "upstreams.0.kind: Input should be 'openai', 'azure'"),
+    ({"api_key_env": "NO_SUCH_VARIABLE"},
+     "upstreams.0.api_key_env: Value error, the environment variable NO_SUCH_VARIABLE is "
+     "not set"),
+    ({"prices": {"tokens_per_million": {"gpt-4o-mini": [-1, 2]}}},
+     "upstreams.0.prices.tokens_per_million.gpt-4o-mini.0: Input should be greater than or "
+     "equal to 0"),
+    ({"prices": {"factor": -0.5}}, "upstreams.0.prices.factor"),
+    ({"tier": "gold"}, "upstreams.0.tier: Input should be 'economy', 'standard' or 'premium'"),
+    ({"base_url": None}, "base_url: an openai-compatible upstream needs its base_url"),
+    ({"bsae_url": "http://r/v1"}, "upstreams.0.bsae_url: Extra inputs are not permitted"),
+    ({"vision_model": "mystery-model"},
+     "upstreams.0 (relay).vision_model 'mystery-model' has no price"),
+])
+def test_a_bad_upstream_stops_the_start_in_one_sentence_naming_the_field(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict[str, object],
+        says: str) -> None:
+    monkeypatch.setenv("RELAY_KEY", "sk-relay-env-secret-42")
+    path = write(tmp_path, "s.yaml", yaml.safe_dump({"upstreams": [{**BAD_UPSTREAM, **change}]}))
+    code, out = check("--config", str(path))
+    assert code == 1 and says in out, out
+    assert out.count("\n") == 1 and "sk-relay-env-secret-42" not in out
+
+
+def test_two_upstreams_of_one_name_or_a_list_beside_the_sections_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_KEY", "sk-relay-env-secret-42")
+    twice = write(tmp_path, "twice.yaml", yaml.safe_dump({"upstreams": [BAD_UPSTREAM] * 2}))
+    code, out = check("--config", str(twice))
+    assert code == 1 and "upstreams.1.name: 'relay' is used twice" in out
+    both = write(tmp_path, "both.yaml", yaml.safe_dump({"upstreams": [BAD_UPSTREAM]}))
+    code, out = check("--config", str(both), env={"SPILLWAY_OPENAI__API_KEY": "sk-x1234567"})
+    assert code == 1 and "upstreams: the openai section also has a key" in out
+    assert "sk-x1234567" not in out
