@@ -29,6 +29,17 @@ TIERS: tuple[Tier, ...] = ("economy", "standard", "premium")
 LOCAL = "local"  # the tier name of this box, for bulk work's list of allowed tiers
 Place = Literal["local", "economy", "standard", "premium"]
 PLACES: tuple[Place, ...] = ("local", "economy", "standard", "premium")
+TIERS_METADATA = "spillway_tiers"  # a batch's metadata key: where its items may run
+
+
+def parse_places(text: str) -> frozenset[str]:
+    """``"local,economy"`` -> the places named; a ValueError names one that is not."""
+    named = frozenset(p.strip().lower() for p in text.split(",") if p.strip())
+    unknown = sorted(named - set(PLACES))
+    if not named or unknown:
+        raise ValueError(f"{TIERS_METADATA} takes a comma list of {', '.join(PLACES)}"
+                         + (f", not {unknown[0]!r}" if unknown else ""))
+    return named
 
 # The names a client may ask for by model, per kind (shell-style patterns). The vendor's
 # own API serves its whole family; a relay or an Azure resource usually mirrors OpenAI's

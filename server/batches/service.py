@@ -34,6 +34,7 @@ from server.batches.store import (
 )
 from server.batches.worker import CONCURRENCY, Worker
 from server.config import Settings
+from server.config_upstreams import TIERS_METADATA, parse_places
 from server.errors import bad_request
 from server.serving import Serving
 from server.serving.accounting import Caller
@@ -135,6 +136,11 @@ class BatchService:
             if not safejson.valid_text(value):
                 raise bad_request(f"{param} holds a lone surrogate, which is not text.",
                                   param=param)
+        if metadata and TIERS_METADATA in metadata:
+            try:
+                parse_places(metadata[TIERS_METADATA])
+            except ValueError as exc:
+                raise bad_request(f"metadata: {exc}.", param="metadata") from None
         file = self.get_file(input_file_id, caller, "input_file_id")
         if file.purpose != "batch":
             raise bad_request(f"The file {input_file_id!r} has purpose {file.purpose!r}; a "

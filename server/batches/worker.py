@@ -35,6 +35,7 @@ from server.batches.store import (
     rowcount,
 )
 from server.batches.validate import Validator, typed
+from server.config_upstreams import TIERS_METADATA, parse_places
 from server.errors import APIError, server_error
 from server.serving import Serving
 from server.serving.accounting import ADMIN, Account, Caller
@@ -62,6 +63,12 @@ class Abandoned(Exception):
     """Storage still refused when the worker stopped: the item is left to the next start."""
 
 
+
+def batch_tiers(meta: dict[str, str] | None) -> frozenset[str] | None:
+    """The places a batch's metadata allows (checked when the batch was made)."""
+    text = (meta or {}).get(TIERS_METADATA)
+    return parse_places(text) if text else None
+
 @dataclass(frozen=True)
 class Claimed:
     id: int
@@ -71,6 +78,7 @@ class Claimed:
     body: dict[str, Any]
     attempts: int
     owner: str | None
+    tiers: frozenset[str] | None = None  # where its batch's metadata lets it run
 
 
 class Worker:
@@ -217,7 +225,7 @@ class Worker:
         with self.store.write() as s:
             rows = s.execute(
                 select(ItemRow.id, ItemRow.batch_id, ItemRow.url, ItemRow.custom_id,
-                       ItemRow.body, ItemRow.attempts, BatchRow.owner)
+                       ItemRow.body, ItemRow.attempts, BatchRow.owner, BatchRow.meta)
                 .join(BatchRow, BatchRow.id == ItemRow.batch_id)
                 .where(BatchRow.status == IN_PROGRESS, ItemRow.state == PENDING,
                        ItemRow.not_before <= now, ItemRow.id.not_in(list(self._inflight)))
@@ -230,7 +238,7 @@ class Worker:
                                 .execution_options(synchronize_session=False))
                 if rowcount(res) == 1:
                     claimed.append(Claimed(r.id, r.batch_id, r.url, r.custom_id, r.body,
-                                           r.attempts, r.owner))
+                                           r.attempts, r.owner, batch_tiers(r.meta)))
             s.commit()
         return claimed
 
@@ -276,7 +284,7 @@ class Worker:
         account = Account(item.url, str(item.body.get("model") or "auto"),
                           Caller(caller.name, caller.owner, caller.admin, bulk=True),
                           request_id=f"{item.batch_id}/{item.custom_id}"[:128],
-                          origin="batch")
+                          origin="batch", tiers=item.tiers)
         accounting = self.serving.accounting
         try:
             await self._perform(item, before_send, account)

@@ -59,6 +59,7 @@ class Account:
     outcome: str = "ok"
     started: float = field(default_factory=time.monotonic)
     reservation: Reservation | None = None  # of the key's quota, settled at the end
+    tiers: frozenset[str] | None = None  # bulk work: where it may run (a batch's metadata)
 
     @property
     def bulk(self) -> bool:

@@ -113,7 +113,7 @@ class ChatServing:
         deadline_s = await self.accounting.reserve_by(account, self.dispatcher.cost_ceiling(job),
                                                       deadline_s)
         return await served_by(account, self.dispatcher.chat(
-            job, deadline_s, bulk=account.bulk, before_send=before_send))
+            job, deadline_s, bulk=account.bulk, before_send=before_send, tiers=account.tiers))
 
     async def stream(self, account: Account, job: ChatJob, fmt: StreamFormat,
                      deadline_s: float) -> Stream:

@@ -93,4 +93,4 @@ class ImageServing:
         deadline_s = await self.accounting.reserve_by(account, self.dispatcher.cost_ceiling(job),
                                                       deadline_s)
         return await served_by(account, self.dispatcher.images(
-            job, deadline_s, bulk=account.bulk, before_send=before_send))
+            job, deadline_s, bulk=account.bulk, before_send=before_send, tiers=account.tiers))

@@ -354,3 +354,40 @@ def test_the_total_budget_holds_across_a_restart(tiny_weights: Path, device: Dev
     with server(tiny_weights, device, weights, fakes, ledger, router=total) as base:
         assert route(gen(base)) == "local"  # 0.021 more would pass 0.05
     assert len(fakes.relay_a.calls) == 2
+
+
+# -- the Batch API ----------------------------------------------------------------------------
+
+def test_a_batch_names_the_tiers_it_may_use(tiny_weights: Path, device: Device,
+                                            weights: WeightsInfo, fakes: Fakes,
+                                            tmp_path: Path) -> None:
+    """An overnight batch that says "economy": its items go to the relays (cheapest first),
+    none to premium and none here; a tier that does not exist is a 400 naming it."""
+    import json
+    import time
+
+    lines = b"".join(json.dumps({"custom_id": str(i), "method": "POST",
+                                 "url": "/v1/images/generations",
+                                 "body": {"prompt": f"p{i}", "size": "256x256",
+                                          "quality": "high"}}).encode() + b"\n"
+                     for i in range(3))
+    with server(tiny_weights, device, weights, fakes, tmp_path / "l.db") as base:
+        sdk = client(base)
+        f = sdk.files.create(file=("r.jsonl", lines), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.batches.create(input_file_id=f.id, endpoint="/v1/images/generations",
+                               completion_window="24h", metadata={"spillway_tiers": "gold"})
+        assert "'gold'" in exc.value.message
+        batch = sdk.batches.create(input_file_id=f.id, endpoint="/v1/images/generations",
+                                   completion_window="24h",
+                                   metadata={"spillway_tiers": "economy"})
+        deadline = time.monotonic() + 60
+        while (batch := sdk.batches.retrieve(batch.id)).status != "completed":
+            assert time.monotonic() < deadline and batch.status in ("validating",
+                                                                    "in_progress")
+            time.sleep(0.1)
+        assert batch.request_counts is not None and batch.request_counts.completed == 3
+        rows = httpx.get(f"{base}/v1/usage", params={"group_by": "route"}).json()["data"]
+    # "high" is a critical quality: the best tier the batch allows is economy, cheapest first
+    assert {r["group"]: r["requests"] for r in rows} == {"relay-a": 3}
+    assert len(fakes.relay_a.calls) == 3 and not fakes.openai.calls and not device.calls

@@ -226,3 +226,17 @@ def test_two_upstreams_of_one_name_or_a_list_beside_the_sections_are_refused(
     code, out = check("--config", str(both), env={"SPILLWAY_OPENAI__API_KEY": "sk-x1234567"})
     assert code == 1 and "upstreams: the openai section also has a key" in out
     assert "sk-x1234567" not in out
+
+
+def test_the_example_files_upstream_list_is_valid(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    example = (Path(__file__).parents[2] / "docs" / "spillway.example.yaml").read_text()
+    block = example[example.index("# --- upstreams"):example.index("# --- end of upstreams")]
+    listed = "\n".join(line.removeprefix("# ") for line in block.splitlines()[1:])
+    for name in ("RELAY_A_KEY", "AZURE_OPENAI_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(name, f"sk-{name.lower()}-0123456789")
+    code, out = check("--config", str(write(tmp_path, "u.yaml", listed)))
+    assert code == 0, out
+    names = [(u["name"], u["kind"], u["tier"]) for u in yaml.safe_load(out)["upstreams"]]
+    assert names == [("relay-a", "openai-compatible", "economy"), ("azure", "azure", "standard"),
+                     ("openai", "openai", "premium"), ("claude", "anthropic", "premium")]
