@@ -1,6 +1,14 @@
 """Spillover bench: open-loop load at 3x local capacity, spilling on vs off, side by side.
 
     .venv/bin/python -m scripts.spill_bench [--seconds 60] [--factor 3] [--size 256x256]
+    .venv/bin/python -m scripts.spill_bench --tiers [--deadline-ms 4000]
+
+``--tiers``: three upstreams of different prices, latencies and tiers (an economy relay at
+40% of OpenAI's list prices answering in 2 s, a standard one at 70% in 1.5 s, premium
+OpenAI at list price in 1 s; each relay may take at most 40% of the offered load a
+minute) and a mix of jobs (one in ten asks for quality "high", which goes to the best
+tier), against the same load with every image sent to premium: the cost per 1,000 images,
+p95 against the deadline, and each upstream's share.
 
 The local engine is the served one (the tiny model unless real weights are present);
 OpenAI and Gemini are the loopback fakes from tests/fakes answering in ~2 s, with roomy
@@ -22,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -51,8 +59,9 @@ class Outcome:
     cost: float
 
 
-async def _open_loop(port: int, rate: float, seconds: float, body: dict[str, object],
+async def _open_loop(port: int, rate: float, seconds: float, bodies: list[dict[str, object]],
                      deadline_ms: float, closed: bool = False) -> list[Outcome]:
+    """``bodies``: the n-th request sends ``bodies[n % len(bodies)]``."""
     import httpx
 
     out: list[Outcome] = []
@@ -61,7 +70,12 @@ async def _open_loop(port: int, rate: float, seconds: float, body: dict[str, obj
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
                                  limits=limits) as http:
 
+        sent = 0
+
         async def one() -> None:
+            nonlocal sent
+            body = bodies[sent % len(bodies)]
+            sent += 1
             t0 = time.perf_counter()
             r = await http.post("/v1/images/generations", json=body, headers=headers)
             out.append(Outcome(time.perf_counter() - t0, r.status_code,
@@ -95,20 +109,27 @@ def _client(*args: object) -> list[Outcome]:
     return asyncio.run(_open_loop(*args))  # type: ignore[arg-type]
 
 
-def _fakes_main(conn: Connection, latency_s: float) -> None:
-    with running_fake_openai() as oa, running_fake_gemini() as gm:
-        oa.latency_s = gm.latency_s = latency_s
-        conn.send((oa.url, gm.url))
+def _fakes_main(conn: Connection, latency_s: float, openai_latencies: list[float]) -> None:
+    with ExitStack() as stack:
+        gm = stack.enter_context(running_fake_gemini())
+        gm.latency_s = latency_s
+        fakes = [stack.enter_context(running_fake_openai()) for _ in openai_latencies]
+        for fake, seconds in zip(fakes, openai_latencies, strict=True):
+            fake.latency_s = seconds
+        conn.send((gm.url, [fake.url for fake in fakes]))
         conn.recv()  # until the bench is done
 
 
 @contextmanager
-def _fake_clouds(latency_s: float) -> Iterator[tuple[str, str]]:
+def _fake_clouds(latency_s: float, openai_latencies: list[float] | None = None
+                 ) -> Iterator[tuple[str, list[str]]]:
     """The loopback fakes in a process of their own: the images they make and encode
-    must not take the server's CPU (or GIL) from it."""
+    must not take the server's CPU (or GIL) from it. Yields Gemini's URL and one OpenAI
+    fake's per latency (default: one answering in ``latency_s``)."""
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=_fakes_main, args=(theirs, latency_s), daemon=True)
+    proc = ctx.Process(target=_fakes_main, daemon=True,
+                       args=(theirs, latency_s, openai_latencies or [latency_s]))
     proc.start()
     try:
         yield ours.recv()
@@ -117,8 +138,8 @@ def _fake_clouds(latency_s: float) -> Iterator[tuple[str, str]]:
         proc.join(15)
 
 
-def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[str, object],
-                    deadline_ms: float, closed: bool = False,
+def _serve_and_load(settings: Settings, rate: float, seconds: float,
+                    bodies: list[dict[str, object]], deadline_ms: float, closed: bool = False,
                     server_side: AccessLines | None = None) -> list[Outcome]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, chat_loader=None),
@@ -137,7 +158,8 @@ def _serve_and_load(settings: Settings, rate: float, seconds: float, body: dict[
     try:
         with (server_side.captured() if server_side is not None else nullcontext()), \
                 ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_client, port, rate, seconds, body, deadline_ms, closed).result()
+            return pool.submit(_client, port, rate, seconds, bodies, deadline_ms,
+                               closed).result()
     finally:
         server.should_exit = True
         thread.join()
@@ -148,18 +170,15 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--factor", type=float, default=3.0, help="load / local capacity")
-    ap.add_argument("--size", default="512x512")
-    ap.add_argument("--deadline-ms", type=float, default=1000)
-    ap.add_argument("--upstream-latency-s", type=float, default=2.0)
-    args = ap.parse_args()
-    body: dict[str, object] = {"prompt": "a red bicycle", "size": args.size}
+def _capacity(settings: Settings, body: dict[str, object]) -> float:
+    probe = _serve_and_load(settings, 0, 8, [body], 86_400_000, closed=True)
+    return len([o for o in probe if o.status == 200]) / 8
+
+
+def _two_clouds(args: argparse.Namespace, body: dict[str, object]) -> None:
     roomy = {m: RateLimit(per_minute=100_000, burst=100_000) for m in
              ("gpt-image-1", "gemini-2.5-flash-image")}
-    with _fake_clouds(args.upstream_latency_s) as (openai_url, gemini_url):
+    with _fake_clouds(args.upstream_latency_s) as (gemini_url, (openai_url,)):
 
         def settings(spill: bool) -> Settings:
             return Settings(
@@ -171,8 +190,7 @@ def main() -> None:
                 router=RouterSettings(spill=spill, rate_limits=roomy,
                                       daily_budget_usd={"total": 1e9}))
 
-        probe = _serve_and_load(settings(False), 0, 8, body, 86_400_000, closed=True)
-        capacity = len([o for o in probe if o.status == 200]) / 8
+        capacity = _capacity(settings(False), body)
         rate = capacity * args.factor
         print(f"spill bench: local capacity {capacity:.1f} images/s at {args.size} "
               f"(16 clients, 8 s); offered load {rate:.1f} req/s open loop for "
@@ -181,7 +199,7 @@ def main() -> None:
         rows = []
         for label, spill in (("spill on", True), ("spill off", False)):
             seen = AccessLines()
-            outcomes = _serve_and_load(settings(spill), rate, args.seconds, body,
+            outcomes = _serve_and_load(settings(spill), rate, args.seconds, [body],
                                        args.deadline_ms, server_side=seen)
             ok = [o for o in outcomes if o.status == 200]
             routes = Counter(o.route for o in ok)
@@ -204,6 +222,73 @@ def main() -> None:
         on, off = rows
         print(f"p50 latency spill on / off: {on[3] / max(off[3], 1):.2f}x; "
               f"requests refused: {on[7]} vs {off[7]}")
+
+
+# name, kind, tier, list-price factor, answer latency (s), share of the offered load a
+# minute its rate limit admits (None: roomy)
+TIERED = [("relay", "economy", 0.4, 2.0, 0.4), ("standard", "standard", 0.7, 1.5, 0.4),
+          ("premium", "premium", 1.0, 1.0, None)]
+
+
+def _tiers(args: argparse.Namespace, body: dict[str, object]) -> None:
+    high = {**body, "quality": "high"}
+    mix = [body] * 9 + [high]  # one job in ten asks for a critical quality
+    with _fake_clouds(1.0, [t[3] for t in TIERED]) as (_, urls):
+
+        def settings(rate: float, only_premium: bool = False) -> Settings:
+            ups = []
+            for (name, tier, factor, _, share), url in zip(TIERED, urls, strict=True):
+                if only_premium and tier != "premium":
+                    continue
+                per_minute = 100_000 if share is None else max(1, int(rate * share * 60))
+                ups.append({"name": name, "tier": tier, "base_url": f"{url}/v1",
+                            "kind": "openai" if tier == "premium" else "openai-compatible",
+                            "api_key": "sk-bench-000000000000", "prices": {"factor": factor},
+                            "rate_limits": {"gpt-image-1": {
+                                "per_minute": per_minute, "burst": max(1, per_minute // 6)}}})
+            return Settings(ledger_url="sqlite://", upstreams=ups,
+                            router=RouterSettings(daily_budget_usd={"total": 1e9}))
+
+        capacity = _capacity(settings(1.0), body)
+        rate = capacity * args.factor
+        print(f"spill bench, tiers: local capacity {capacity:.1f} images/s at {args.size}; "
+              f"offered {rate:.1f} req/s open loop for {args.seconds:g} s, deadline "
+              f"{args.deadline_ms:g} ms; one job in ten asks for quality high")
+        print("upstreams: " + "; ".join(
+            f"{n} ({t}, {f:.0%} of list, {lat:g} s"
+            + (f", at most {s:.0%} of the load)" if s else ")")
+            for n, t, f, lat, s in TIERED))
+        runs = [("tiered", settings(rate), mix),
+                ("all premium", settings(rate, only_premium=True),
+                 [{**b, "model": "gpt-image-1"} for b in mix])]
+        print(f"{'run':<13}{'sent':>6}{'ok':>6}{'p50 ms':>8}{'p95 ms':>8}{'$ / 1000':>10}"
+              f"  share per route")
+        for label, cfg, bodies in runs:
+            outcomes = _serve_and_load(cfg, rate, args.seconds, bodies, args.deadline_ms)
+            ok = [o for o in outcomes if o.status == 200]
+            routes = Counter(o.route for o in ok)
+            share = ", ".join(f"{r} {n / max(1, len(ok)):.0%}" for r, n in routes.most_common())
+            per_1000 = 1000 * sum(o.cost for o in ok) / max(1, len(ok))
+            print(f"{label:<13}{len(outcomes):>6}{len(ok):>6}"
+                  f"{_pct([o.latency_s for o in ok], 0.5):>8.0f}"
+                  f"{_pct([o.latency_s for o in ok], 0.95):>8.0f}{per_1000:>10.2f}  {share}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--factor", type=float, default=3.0, help="load / local capacity")
+    ap.add_argument("--size", default="512x512")
+    ap.add_argument("--deadline-ms", type=float, default=None,
+                    help="default: 1000 (4000 with --tiers, above the upstreams' latency)")
+    ap.add_argument("--upstream-latency-s", type=float, default=2.0)
+    ap.add_argument("--tiers", action="store_true",
+                    help="three upstreams of different prices and tiers (see above)")
+    args = ap.parse_args()
+    if args.deadline_ms is None:
+        args.deadline_ms = 4000.0 if args.tiers else 1000.0
+    body: dict[str, object] = {"prompt": "a red bicycle", "size": args.size}
+    (_tiers if args.tiers else _two_clouds)(args, body)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from server.catalog import AUTO, Task
-from server.catalog import CLOUDS as CLOUDS  # re-exported: callers import them from here
-from server.catalog import cloud_of as cloud_of
+from server.catalog import cloud_of as cloud_of  # re-exported: callers import it from here
 from server.config_upstreams import LOCAL, TIERS
 
 
