@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -21,7 +22,7 @@ from PIL import Image
 from server.config import Prices, UpstreamSettings
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
-from server.providers.base import ProviderError
+from server.providers.base import ChatChunk, ProviderError
 from server.providers.pricing import billed, chat_cost
 from server.providers.upstream import (
     FOLLOW_REDIRECTS,
@@ -47,20 +48,27 @@ FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
           "tool_use": "tool_calls", "pause_turn": "stop"}
 
 
+# An error event inside a streamed answer (whose HTTP status was 200), by its type.
+STREAM_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
+                       "permission_error": 403, "not_found_error": 404,
+                       "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                       "timeout_error": 504, "overloaded_error": 529}
+
+
 def _status_failure(exc: BaseException) -> StatusFailure | None:
     """What the anthropic SDK says of an upstream answer that failed (529 overloaded
     counts as a server failure)."""
     if isinstance(exc, anthropic.APIStatusError):
+        body = exc.body
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
         status = exc.status_code
+        if status < 400:  # an error event mid-stream
+            status = STREAM_ERROR_STATUS.get(str(error.get("type")), 500)
         kind = kind_for_status(status)
         retry_after = parse_retry_after(exc.response.headers) if kind == "rate_limited" \
             else None
-        detail = ""
-        body = exc.body
-        if isinstance(body, dict):
-            error = body.get("error")
-            if isinstance(error, dict) and isinstance(error.get("message"), str):
-                detail = error["message"]
+        detail = error.get("message") if isinstance(error.get("message"), str) else ""
         return StatusFailure(status, kind, f"HTTP {status}" + (f": {detail}" if detail else ""),
                              retry_after)
     if isinstance(exc, anthropic.APIResponseValidationError):
@@ -165,14 +173,34 @@ class AnthropicProvider:
             params["extra_body"] = {"top_p": job.top_p}
         return params
 
-    async def chat(self, job: ChatJob, model: str) -> ChatOutcome:
+    async def _params(self, job: ChatJob, model: str) -> dict[str, Any]:
         system, turns = await asyncio.to_thread(claude_messages, job)
         if not turns:
             raise ProviderError(self.name, "client", "chat: no user or assistant turn")
+        return self.request(job, model, system, turns)
+
+    async def chat(self, job: ChatJob, model: str) -> ChatOutcome:
+        params = await self._params(job, model)
         try:
-            resp = await self.client.messages.create(**self.request(job, model, system, turns))
+            resp = await self.client.messages.create(**params)
         except Exception as exc:
             raise self._fail(exc, "messages") from None
+        return self._outcome(resp, model)
+
+    async def stream_chat(self, job: ChatJob, model: str) -> AsyncIterator[ChatChunk]:
+        """Claude's answer as it is written (the Messages API's event stream), then the
+        whole outcome with its usage."""
+        params = await self._params(job, model)
+        try:
+            async with self.client.messages.stream(**params) as stream:
+                async for text in stream.text_stream:
+                    yield text
+                message = await stream.get_final_message()
+        except Exception as exc:
+            raise self._fail(exc, "messages") from None
+        yield self._outcome(message, model)
+
+    def _outcome(self, resp: object, model: str) -> ChatOutcome:
         try:
             blocks = getattr(resp, "content", None)
             if not isinstance(blocks, list):
@@ -187,12 +215,13 @@ class AnthropicProvider:
             "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
         completion_tokens = int(getattr(usage, "output_tokens", 0) or 0)
         stop = str(getattr(resp, "stop_reason", None) or "end_turn")
+        request_id = getattr(resp, "_request_id", None) or getattr(resp, "id", None)
         return ChatOutcome(
             text=text, finish_reason=FINISH.get(stop, "stop"), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, model=model,
             cost_usd=billed(self.name, model, chat_cost(
                 self.prices, self.settings, model, prompt_tokens, completion_tokens)),
-            request_id=getattr(resp, "_request_id", None) or getattr(resp, "id", None))
+            request_id=request_id if isinstance(request_id, str) else None)
 
     async def close(self) -> None:
         await self.client.close()

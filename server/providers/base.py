@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
@@ -28,8 +29,12 @@ class ProviderError(Exception):
         return self.kind in ("server", "timeout", "malformed")
 
 
+# What a streamed cloud answer yields: pieces of its text, then the whole outcome.
+ChatChunk = str | ChatOutcome
+
+
 class CloudProvider(Protocol):
-    name: str  # "openai" or "gemini"
+    name: str  # the upstream's
 
     async def generate_images(self, job: ImageJob, model: str) -> ImageOutcome: ...
 
@@ -37,4 +42,12 @@ class CloudProvider(Protocol):
 
     async def chat(self, job: ChatJob, model: str) -> ChatOutcome: ...
 
+    def stream_chat(self, job: ChatJob, model: str) -> AsyncIterator[ChatChunk]: ...
+
     async def close(self) -> None: ...
+
+
+async def whole(answer: ChatOutcome) -> AsyncIterator[ChatChunk]:
+    """An answer that came whole, as a stream: its text in one piece, then itself."""
+    yield answer.text
+    yield answer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -23,7 +23,7 @@ from server.config import GeminiSettings, Prices, UpstreamSettings
 from server.config_upstreams import as_upstream
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
-from server.providers.base import ProviderError
+from server.providers.base import ChatChunk, ProviderError, whole
 from server.providers.pricing import billed, chat_cost, image_cost, nearest_shape
 from server.providers.upstream import (
     FOLLOW_REDIRECTS,
@@ -251,6 +251,11 @@ class GeminiProvider:
             cost_usd=billed(self.name, model, chat_cost(
                 self.prices, self.settings, model, prompt_tokens, completion_tokens)),
             request_id=resp.response_id)
+
+    async def stream_chat(self, job: ChatJob, model: str) -> AsyncIterator[ChatChunk]:
+        """The answer whole, as a stream of one piece (not yet token by token here)."""
+        async for chunk in whole(await self.chat(job, model)):
+            yield chunk
 
     async def close(self) -> None:
         await self.client.aio.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
 import openai
@@ -23,7 +24,7 @@ from server.config import OpenAISettings, Prices, UpstreamSettings
 from server.config_upstreams import as_upstream
 from server.job import ChatJob, ChatOutcome, ImageJob, ImageOutcome
 from server.media.encode import png_bytes
-from server.providers.base import ProviderError
+from server.providers.base import ChatChunk, ProviderError, whole
 from server.providers.pricing import (
     billed,
     chat_cost,
@@ -235,6 +236,11 @@ class OpenAIProvider:
             cost_usd=billed(self.name, model, chat_cost(
                 self.prices, self.settings, model, prompt_tokens, completion_tokens)),
             request_id=_request_id(resp))
+
+    async def stream_chat(self, job: ChatJob, model: str) -> AsyncIterator[ChatChunk]:
+        """The answer whole, as a stream of one piece (not yet token by token here)."""
+        async for chunk in whole(await self.chat(job, model)):
+            yield chunk
 
     async def close(self) -> None:
         await self.client.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -16,7 +16,7 @@ from server.config import Settings, UpstreamSettings
 from server.config_upstreams import section_upstream
 from server.job import ChatJob, ImageJob
 from server.providers import pricing
-from server.providers.base import CloudProvider, ProviderError
+from server.providers.base import ChatChunk, CloudProvider, ProviderError
 from server.routing.decide import CloudState
 from server.routing.limits import CircuitBreaker, RateLimiter
 
@@ -157,38 +157,66 @@ class Clouds:
         return chars // 4 + 800 * len(job.images)
 
     # -- cloud calls --------------------------------------------------------------------
+    def _claim(self, provider: str, model: str) -> None:
+        """A slot of the upstream's circuit and of its rate window, or ``NotTried``."""
+        if not self.breakers[provider].try_acquire():
+            raise NotTried(f"{provider} circuit open")
+        if not self.limiters[provider].try_acquire(model):
+            self.breakers[provider].release()
+            raise NotTried(f"{provider} {model} rate limit")
+
+    def _failed(self, provider: str, model: str, exc: ProviderError) -> None:
+        """What a failure tells the upstream's circuit and rate window."""
+        breaker = self.breakers[provider]
+        if exc.kind == "rate_limited":
+            self.limiters[provider].upstream_limited(model, exc.retry_after_s)
+            breaker.release()
+        elif exc.trips_breaker:
+            breaker.record_failure()
+        else:
+            breaker.release()
+
     async def send(self, provider: str, model: str, call: Callable[[], Awaitable[T]],
                    before_send: BeforeSend | None = None) -> T:
         """Make the call if the upstream's circuit and rate window let it go now (else
         ``NotTried``); tell them how it went."""
-        breaker = self.breakers[provider]
-        limiter = self.limiters[provider]
-        if not breaker.try_acquire():
-            raise NotTried(f"{provider} circuit open")
-        if not limiter.try_acquire(model):
-            breaker.release()
-            raise NotTried(f"{provider} {model} rate limit")
+        self._claim(provider, model)
         if before_send is not None:
             # Durable batch items write down that they are about to go upstream, so a
             # restart never sends one twice. One that may not go frees its circuit slot.
             try:
                 await before_send(provider, model)
             except BaseException:
-                breaker.release()
+                self.breakers[provider].release()
                 raise
         try:
             result = await call()
         except ProviderError as exc:
-            if exc.kind == "rate_limited":
-                limiter.upstream_limited(model, exc.retry_after_s)
-                breaker.release()
-            elif exc.trips_breaker:
-                breaker.record_failure()
-            else:
-                breaker.release()
+            self._failed(provider, model, exc)
             raise
-        breaker.record_success()
+        self.breakers[provider].record_success()
         return result
+
+    async def stream(self, provider: str, model: str,
+                     chunks: Callable[[], AsyncIterator[ChatChunk]]
+                     ) -> AsyncGenerator[ChatChunk, None]:
+        """``send`` for a streamed answer: the slots are taken at the first chunk asked
+        for; the circuit hears of a success when the answer ends, of a failure when it
+        fails, and of nothing when the client leaves first."""
+        self._claim(provider, model)
+        verdict = False
+        try:
+            async for chunk in chunks():
+                yield chunk
+            verdict = True
+            self.breakers[provider].record_success()
+        except ProviderError as exc:
+            verdict = True
+            self._failed(provider, model, exc)
+            raise
+        finally:
+            if not verdict:
+                self.breakers[provider].release()
 
     async def in_turn(self, names: Sequence[str], reason: str,
                       attempt: Callable[[str, str], Awaitable[T]]) -> T:

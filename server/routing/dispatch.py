@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,7 +22,7 @@ from server.config import Settings
 from server.errors import APIError, bad_request, context_error
 from server.job import ChatJob, ChatOutcome, ImageJob, OutImage, Served
 from server.providers import pricing
-from server.providers.base import CloudProvider, ProviderError
+from server.providers.base import ChatChunk, CloudProvider, ProviderError
 from server.providers.local.batcher import Timing
 from server.providers.local.chat import LocalChat, StreamEvent
 from server.providers.local.estimate import Calibration
@@ -45,11 +46,17 @@ T = TypeVar("T")
 Tiers = frozenset[str] | None  # where bulk work may run ("local" and upstream tiers)
 
 
-@dataclass(frozen=True)
-class LocalStream:
-    """A chat answer streamed token by token from the local model, and why it runs here."""
+# A chat answer as it is written: pieces of its text, then the outcome and where it ran.
+StreamItem = str | tuple[ChatOutcome, Served]
 
-    events: AsyncIterator[StreamEvent]
+
+@dataclass(frozen=True)
+class ChatStream:
+    """A streamed chat answer (the local model's token by token, an upstream's as it
+    comes) and the route it took."""
+
+    events: AsyncIterator[StreamItem]
+    route: str
     reason: str
 
 
@@ -224,16 +231,69 @@ class Dispatcher:
         return outcome, self.local_chat_served(route.reason, job, outcome, timing)
 
     async def stream_chat(self, job: ChatJob, deadline_s: float, *, bulk: bool = False,
-                          tiers: Tiers = None) -> LocalStream | tuple[ChatOutcome, Served]:
-        """Token by token when the job stays local; else the whole answer (a cloud's, or
-        local after a cloud failed), as ``chat`` gives it."""
+                          tiers: Tiers = None) -> ChatStream:
+        """The answer as it is written, wherever it runs. Everything that can fail before
+        the first piece (the route, an upstream that will not answer: the next one or
+        local takes it) fails here; a failure after it is the stream's last event."""
+        route, _, _, _ = self.route_chat(job, deadline_s, bulk, tiers)
         local = self.chat_local
-        if local is not None:
-            route = self.route_chat(job, deadline_s, bulk, tiers)[0]
-            if route.where == "local":
-                await check_context(local, job)
-                return LocalStream(await local.stream(job, bulk=bulk), route.reason)
-        return await self.chat(job, deadline_s, bulk=bulk, tiers=tiers)
+        if route.where in self.clouds.upstreams:
+
+            async def on_cloud(name: str, reason: str) -> ChatStream:
+                return await self._cloud_stream(name, job, reason)
+
+            try:
+                return await self.clouds.in_turn((route.where, *route.then), route.reason,
+                                                 on_cloud)
+            except (ProviderError, NotTried) as exc:
+                route = self._after_cloud_failure(exc, local)
+        if route.where == "reject":
+            raise _reject(route)
+        assert local is not None
+        await check_context(local, job)
+        events = await local.stream(job, bulk=bulk)
+        return ChatStream(self._local_events(events, route.reason, job, local.model_id),
+                          "local", route.reason)
+
+    async def _local_events(self, events: AsyncGenerator[StreamEvent, None], reason: str,
+                            job: ChatJob, model_id: str) -> AsyncIterator[StreamItem]:
+        async with aclosing(events):  # a client that leaves stops the row
+            async for event in events:
+                if event.result is None:
+                    yield event.text
+                    continue
+                outcome = ChatOutcome.of(event.result, model_id)
+                yield outcome, self.local_chat_served(reason, job, outcome, event.timing)
+
+    async def _cloud_stream(self, name: str, job: ChatJob, reason: str) -> ChatStream:
+        """An upstream's streamed answer, opened: its first piece is in hand (so a refusal
+        or an upstream down fails over before anything is sent to the client)."""
+        model = self.clouds.model_for(name, "vision", job.model)
+        assert model is not None
+        cloud = self.clouds.providers[name]
+        chunks = self.clouds.stream(name, model, lambda: cloud.stream_chat(job, model))
+        first = await anext(chunks)
+        return ChatStream(self._cloud_events(first, chunks, name, reason, job), name, reason)
+
+    async def _cloud_events(self, first: ChatChunk, chunks: AsyncGenerator[ChatChunk, None],
+                            name: str, reason: str, job: ChatJob) -> AsyncIterator[StreamItem]:
+        async with aclosing(chunks):
+            chunk: ChatChunk | None = first
+            while chunk is not None:
+                if isinstance(chunk, str):
+                    yield chunk
+                else:
+                    equivalent = self.clouds.equivalent_chat(job, chunk.prompt_tokens,
+                                                             chunk.completion_tokens)
+                    yield chunk, Served(name, reason, chunk.cost_usd, equivalent,
+                                        upstream_model=chunk.model,
+                                        prompt_tokens=chunk.prompt_tokens,
+                                        completion_tokens=chunk.completion_tokens)
+                try:
+                    chunk = await anext(chunks, None)
+                except ProviderError as exc:  # after the headers: one error event
+                    raise APIError(502, f"The upstream failed mid-answer: {exc}",
+                                   type="server_error", code="upstream_error") from None
 
     def local_chat_served(self, reason: str, job: ChatJob, outcome: ChatOutcome,
                           timing: Timing | None) -> Served:

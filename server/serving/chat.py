@@ -2,10 +2,11 @@
 request checked, its images taken in, then routed, run and accounted for, whole or
 streamed.
 
-A streamed answer is token by token when the router keeps the job local, one event when a
-cloud answers. The wire format (``StreamFormat``) turns events into SSE lines; this module
-owns what is the same for both: the ledger row when the answer ends (however it ends), and
-errors that arrive after the headers are gone.
+A streamed answer comes as it is written: token by token from the local model, as the
+upstream sends it from Claude, in one piece from the other clouds. The wire format
+(``StreamFormat``) turns events into SSE lines; this module owns what is the same for all:
+the ledger row when the answer ends (however it ends), and errors that arrive after the
+headers are gone.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from server.errors import APIError, bad_request
 from server.job import ChatJob, ChatOutcome, Served
 from server.media import intake
 from server.media.budget import PixelBudget
-from server.routing.dispatch import BeforeSend, Dispatcher, LocalStream
+from server.routing.dispatch import BeforeSend, ChatStream, Dispatcher
 from server.serving.accounting import Account, Accounting, served_by
 from server.wire.openai_chat import (
     ChatRequest,
@@ -117,14 +118,15 @@ class ChatServing:
 
     async def stream(self, account: Account, job: ChatJob, fmt: StreamFormat,
                      deadline_s: float) -> Stream:
-        """A streamed answer. This takes the account over and closes it: at once for an
-        answer that came whole (or a failure before the first line), when the last line
-        is sent (or the stream fails) for a local one."""
+        """A streamed answer. This takes the account over and closes it: at once for a
+        failure before the first line, else when the last line is sent (or the stream
+        fails)."""
         headers = {"Cache-Control": "no-cache"}
         try:
             deadline_s = await self.accounting.reserve_by(
                 account, self.dispatcher.cost_ceiling(job), deadline_s)
-            ran = await self.dispatcher.stream_chat(job, deadline_s, bulk=account.bulk)
+            ran = await self.dispatcher.stream_chat(job, deadline_s, bulk=account.bulk,
+                                                    tiers=account.tiers)
         except APIError as err:
             account.failed(err)
             await self.accounting.close(account)
@@ -136,46 +138,31 @@ class ChatServing:
         except BaseException:
             await self.accounting.close(account)
             raise
-        if isinstance(ran, LocalStream):
-            return Stream(self._local(ran, fmt, job, account),
-                          {**headers, "x-spillway-route": "local"})
-        outcome, served = ran
-        account.served = served
-        await self.accounting.close(account)
-        return Stream(_whole(outcome, fmt), {**headers, **served.headers()})
+        return Stream(self._lines(ran, fmt, account),
+                      {**headers, "x-spillway-route": ran.route})
 
-    async def _local(self, ran: LocalStream, fmt: StreamFormat, job: ChatJob,
-                     account: Account) -> AsyncIterator[str]:
-        """Token by token from the local batch, with one ledger row when it ends."""
+    async def _lines(self, ran: ChatStream, fmt: StreamFormat, account: Account
+                     ) -> AsyncIterator[str]:
+        """The answer's pieces as the API's stream lines, with one ledger row when it
+        ends (however it ends)."""
         for line in fmt.opening():
             yield line
         try:
             async for event in ran.events:
-                if event.result is None:
-                    if event.text:
-                        yield fmt.delta(event.text)
+                if isinstance(event, str):
+                    if event:
+                        yield fmt.delta(event)
                     continue
-                outcome = ChatOutcome.of(event.result, catalog.VLM_MODEL)
-                account.served = self.dispatcher.local_chat_served(
-                    ran.reason, job, outcome, event.timing)
-                for line in fmt.closing(event.result):
+                outcome, account.served = event
+                for line in fmt.closing(outcome):
                     yield line
         except APIError as err:
             # Headers are gone already: the error travels as an event in the API's shape.
+            # The row names where it failed; a failed answer is not charged.
             account.status, account.outcome = err.status, "error"
+            account.served = account.served or Served(ran.route, ran.reason)
             yield fmt.error(err)
         finally:
             await self.accounting.close(account)
         for line in fmt.ending():
             yield line
-
-
-async def _whole(result: ChatResult, fmt: StreamFormat) -> AsyncIterator[str]:
-    """An answer that arrived whole (from a cloud): one content event."""
-    for line in fmt.opening():
-        yield line
-    yield fmt.delta(result.text)
-    for line in fmt.closing(result):
-        yield line
-    for line in fmt.ending():
-        yield line

@@ -132,3 +132,28 @@ def test_claude_makes_no_images(fake: FakeAnthropic) -> None:
     with pytest.raises(ValueError, match="image_model: Claude does not make images"):
         UpstreamSettings(name="c", kind="anthropic", api_key=SecretStr(KEY),
                          image_model="claude-haiku-4-5")
+
+
+def test_a_streamed_answer_comes_as_claude_writes_it(fake: FakeAnthropic) -> None:
+    async def collect(p: AnthropicProvider) -> list[Any]:
+        return [chunk async for chunk in p.stream_chat(job(max_tokens=30), "claude-haiku-4-5")]
+
+    *pieces, outcome = run(provider(fake), collect)
+    assert pieces == ["echo:", " describe", " it", " [images:", " 0]", " (system:", " Terse.)"]
+    assert outcome.text == "".join(pieces) and outcome.finish_reason == "stop"
+    assert outcome.completion_tokens == 6 and outcome.cost_usd > 0
+    assert fake.calls[0].body["stream"] is True
+
+
+def test_a_stream_that_breaks_midway_is_a_server_failure(fake: FakeAnthropic) -> None:
+    fake.fail_mid_stream = True
+    got: list[Any] = []
+
+    async def collect(p: AnthropicProvider) -> None:
+        async for chunk in p.stream_chat(job(), "claude-haiku-4-5"):
+            got.append(chunk)
+
+    with pytest.raises(ProviderError) as exc:
+        run(provider(fake), collect)
+    assert got == ["echo:"]
+    assert (exc.value.kind, exc.value.status, exc.value.trips_breaker) == ("server", 529, True)

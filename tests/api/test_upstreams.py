@@ -259,8 +259,10 @@ def test_claude_answers_chat_with_images_through_the_openai_sdk(
             (usage.prompt_tokens * 1.0 + usage.completion_tokens * 5.0) / 1e6, abs=1e-6)
         stream = client(base).chat.completions.create(
             model="claude-haiku-4-5", messages=messages, max_tokens=50, stream=True)
-        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert text.startswith("echo: what colour is this [images: 1]")
+        pieces = [c.choices[0].delta.content for c in stream
+                  if c.choices and c.choices[0].delta.content]
+        # as Claude wrote it: a piece per word the fake sent, not one at the end
+        assert len(pieces) == 10 and "".join(pieces) == answer.choices[0].message.content
     call = fakes.claude.calls[0]
     assert call.path == "/v1/messages"
     assert call.headers["authorization"] == f"Bearer {KEYS['CLAUDE_KEY']}"
@@ -281,6 +283,7 @@ def test_claude_streams_to_a_gemini_client_and_makes_no_images(
             model="claude-haiku-4-5", contents="hello there",
             config=types.GenerateContentConfig(max_output_tokens=40)))
         assert "".join(c.text or "" for c in chunks) == "echo: hello there [images: 0]"
+        assert len([c for c in chunks if c.text]) == 5  # a piece per word
         image = gen(base, late=False, model="claude-haiku-4-5")
         assert image.status_code == 400 and image.json()["error"]["param"] == "model"
         seeded = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
@@ -288,6 +291,34 @@ def test_claude_streams_to_a_gemini_client_and_makes_no_images(
             "messages": [{"role": "user", "content": "hi"}]})
         assert seeded.status_code == 400 and seeded.json()["error"]["param"] == "seed"
     assert len(fakes.claude.calls) == 1  # the stream; the refused ones never left
+
+
+def test_a_claude_stream_that_fails_says_so_in_the_api_shape(
+        tiny_weights: Path, device: Device, weights: WeightsInfo, fakes: Fakes,
+        tmp_path: Path) -> None:
+    body = {"model": "claude-haiku-4-5", "stream": True,
+            "messages": [{"role": "user", "content": "hello there"}]}
+    ledger = tmp_path / "l.db"
+    with server(tiny_weights, device, weights, fakes, ledger,
+                router={"breaker_failures": 5}) as base:
+        fakes.claude.set_mode("error500")
+        before = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+        # failed before its first piece: a plain error (no local VLM here to take it)
+        assert before.status_code == 502 and before.json()["error"]["code"] == "upstream_error"
+        fakes.claude.set_mode("ok")
+        fakes.claude.fail_mid_stream = True
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
+                          timeout=30) as during:
+            assert during.status_code == 200 and during.headers["x-spillway-route"] == "claude"
+            lines = [line for line in during.iter_lines() if line.startswith("data: ")]
+    assert '"content":"echo:"' in lines[1].replace(" ", "")
+    assert "upstream_error" in lines[-2] and lines[-1] == "data: [DONE]"
+    store = Ledger(f"sqlite:///{ledger}")
+    try:
+        outcomes = [(r.route, r.outcome, r.status) for r in ledger_rows(store)]
+    finally:
+        store.engine.dispose()
+    assert sorted(outcomes) == [("claude", "error", 502), ("none", "error", 502)]
 
 
 # -- money ----------------------------------------------------------------------------------

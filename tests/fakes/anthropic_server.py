@@ -2,7 +2,8 @@
 the failure modes of ``tests.fakes`` in Anthropic's error shape.
 
 It answers in the API's own shape: text content blocks, a ``stop_reason``, ``usage`` in
-input and output tokens. The answer echoes the last user turn and counts the image blocks
+input and output tokens; with ``"stream": true`` as the API's event stream, a word per
+delta. The answer echoes the last user turn and counts the image blocks
 it received, so a test sees what reached Claude: ``echo: <text> [images: N]``; the
 system prompt, when one came, is echoed as ``(system: ...)``.
 """
@@ -10,12 +11,13 @@ system prompt, when one came, is echoed as ``(system: ...)``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tests.fakes import FakeUpstream, echo_of, run_app
 
@@ -26,6 +28,11 @@ class FakeAnthropic(FakeUpstream):
     def __init__(self) -> None:
         super().__init__()
         self.app = self._build()
+
+    def _defaults(self) -> None:
+        super()._defaults()
+        self.chunk_delay_s = 0.0  # between the deltas of a streamed answer
+        self.fail_mid_stream = False  # an error event after the first delta
 
     def _error(self, status: int, kind: str, message: str,
                headers: dict[str, str] | None = None) -> JSONResponse:
@@ -87,7 +94,40 @@ class FakeAnthropic(FakeUpstream):
                                "temperature and top_p cannot both be specified")
         if mode == "wrong_shape":
             return JSONResponse({"type": "message", "id": "msg_fake", "content": "text"})
+        if body.get("stream"):
+            return StreamingResponse(self._events(_answer(body)), media_type="text/event-stream",
+                                     headers={"request-id": "req_fake_anthropic"})
         return JSONResponse(_answer(body), headers={"request-id": "req_fake_anthropic"})
+
+    async def _events(self, answer: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The Messages API's event stream for an answer: a word per delta,
+        ``chunk_delay_s`` apart; with ``fail_mid_stream`` an overloaded error after the
+        first."""
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+        usage = answer["usage"]
+        yield event("message_start", {"message": {
+            **answer, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 1}}})
+        yield event("content_block_start", {"index": 0,
+                                            "content_block": {"type": "text", "text": ""}})
+        words = answer["content"][0]["text"].split(" ")
+        for i, word in enumerate(words):
+            text = word if i == 0 else " " + word
+            yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
+                                                                      "text": text}})
+            if self.fail_mid_stream:
+                yield event("error", {"error": {"type": "overloaded_error",
+                                                "message": "Overloaded"}})
+                return
+            await asyncio.sleep(self.chunk_delay_s)
+        yield event("content_block_stop", {"index": 0})
+        yield event("message_delta", {"delta": {"stop_reason": answer["stop_reason"],
+                                                "stop_sequence": answer["stop_sequence"]},
+                                      "usage": {"output_tokens": usage["output_tokens"]}})
+        yield event("message_stop", {})
 
     def _build(self) -> FastAPI:
         app = FastAPI()

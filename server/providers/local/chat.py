@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,7 +99,7 @@ class LocalChat:
             raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
 
     async def stream(self, item: ChatItem, *, bulk: bool = False
-                     ) -> AsyncIterator[StreamEvent]:
+                     ) -> AsyncGenerator[StreamEvent, None]:
         """Admit now (errors raise before any byte is sent), then yield text as it comes."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
@@ -113,7 +113,7 @@ class LocalChat:
 
     async def _drain(self, waiting: asyncio.Future[ChatResult],
                      future: concurrent.futures.Future[ChatResult], pieces: asyncio.Queue[str],
-                     gone: threading.Event) -> AsyncIterator[StreamEvent]:
+                     gone: threading.Event) -> AsyncGenerator[StreamEvent, None]:
         try:
             while not waiting.done() or not pieces.empty():
                 getter: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
