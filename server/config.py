@@ -175,6 +175,9 @@ class ImageSettings(BaseModel):
     default_size: str = "512x512"
     default_steps: int = Field(1, ge=1, le=4)
     default_strength: float = Field(0.5, gt=0, le=1, description="images/edits")
+    variation_strength: float = Field(
+        0.5, ge=0.25, le=1, description="images/variations: how far a variation moves from "
+        "its source (image-to-image with an empty prompt)")
     url_ttl_s: int = Field(3600, ge=1, description="how long `url` responses stay fetchable")
     url_store_mb: int = Field(512, ge=1, description="memory for `url` images; oldest go first")
     fast_qualities: list[str] = Field(

@@ -19,8 +19,15 @@ import math
 # quote the real estimate.
 MAX_RETRY_AFTER_S = 60.0
 
-# Never "come back now": a 0 makes clients retry in a tight loop.
+# Never "come back now": a 0 makes clients retry in a tight loop. Retry-After counts whole
+# seconds, so it says at least 1; retry-after-ms (which the openai SDK reads first) says a
+# drain of 0.3 s as 300, down to this floor.
 MIN_RETRY_AFTER_S = 1.0
+MIN_RETRY_AFTER_MS = 100.0
+
+# On an answer a retry cannot change (a spent quota, a deterministic failure): the openai
+# SDK does not retry when it reads this.
+NO_RETRY = {"x-should-retry": "false"}
 
 
 def advertised_wait_s(estimate_s: float) -> float:
@@ -31,7 +38,10 @@ def advertised_wait_s(estimate_s: float) -> float:
 
 
 def retry_headers(estimate_s: float) -> dict[str, str]:
-    """``Retry-After`` in whole seconds (rounded up: never sooner than we mean) and
-    ``retry-after-ms``, which the openai SDK prefers, both capped."""
+    """``Retry-After`` in whole seconds (rounded up: never sooner than we mean, at least
+    1) and ``retry-after-ms`` to the millisecond (a sub-second drain as it is), both
+    capped; an estimate that is not a number says 1 s."""
     wait = advertised_wait_s(estimate_s)
-    return {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(round(wait * 1000))}
+    ms = 1000.0 if not estimate_s >= 0 else min(max(estimate_s * 1000, MIN_RETRY_AFTER_MS),
+                                                  MAX_RETRY_AFTER_S * 1000)
+    return {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(round(ms))}

@@ -15,6 +15,7 @@ from server.ops.live import Live, Status, read_live
 from server.ops.metrics import Metrics
 from server.providers.local.chat import LocalChat
 from server.providers.local.images import LocalImages
+from server.retry_after import retry_headers
 from server.routing.dispatch import Dispatcher
 from server.serving import Serving
 from server.store.image_store import ImageStore
@@ -108,4 +109,4 @@ class AppState:
         message = ("The model is still loading." if self.load_error is None
                    else "The model failed to load; see the server log.")
         return APIError(503, message, type="server_error", code="model_not_ready",
-                        headers={"Retry-After": "5"})
+                        headers=retry_headers(5.0))

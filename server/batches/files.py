@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 
 from server.batches.store import OPEN, BatchRow, FileRow, Store, file_object, fsync_dir, not_found
 from server.errors import APIError, bad_request
@@ -109,6 +109,37 @@ class Files:
             s.execute(delete(FileRow).where(FileRow.id == file_id))
             s.commit()
         return {"id": file_id, "object": "file", "deleted": True}
+
+    def list_files(self, caller: Caller, *, purpose: str | None = None, limit: int = 10_000,
+                   after: str | None = None, order: str = "desc") -> dict[str, Any]:
+        """The caller's files (an admin's: all), newest first unless ``order`` is asc;
+        ``after``: the id of the last file of the previous page. Rows whose bytes are gone
+        (a delete cut short by a full disk) are not listed, as ``get_file`` finds none."""
+        newest_first = order == "desc"
+        with self.store.read() as s:
+            key = (FileRow.created_at.desc(), FileRow.id.desc()) if newest_first else (
+                FileRow.created_at.asc(), FileRow.id.asc())
+            q = select(FileRow).order_by(*key)
+            if not caller.admin:
+                q = q.where(FileRow.owner.is_(None) if caller.owner is None
+                            else FileRow.owner == caller.owner)
+            if purpose is not None:
+                q = q.where(FileRow.purpose == purpose)
+            if after:
+                cursor = s.get(FileRow, after)
+                if cursor is None or not visible(cursor.owner, caller):
+                    raise not_found("file", after, "after")
+                at, fid = cursor.created_at, cursor.id
+                q = q.where(or_(FileRow.created_at < at,
+                                and_(FileRow.created_at == at, FileRow.id < fid))
+                            if newest_first else
+                            or_(FileRow.created_at > at,
+                                and_(FileRow.created_at == at, FileRow.id > fid)))
+            rows = [r for r in s.scalars(q.limit(limit + 1))]
+        more = len(rows) > limit
+        data = [file_object(r) for r in rows[:limit] if self.store.file_path(r.id).is_file()]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}
 
     def open_content(self, file_id: str, caller: Caller) -> tuple[Path, FileRow]:
         row = self.get_file(file_id, caller)

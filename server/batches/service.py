@@ -109,6 +109,9 @@ class BatchService:
     def delete_file(self, file_id: str, caller: Caller) -> dict[str, Any]:
         return self.files.delete_file(file_id, caller)
 
+    def list_files(self, caller: Caller, **query: Any) -> dict[str, Any]:
+        return self.files.list_files(caller, **query)
+
     def open_content(self, file_id: str, caller: Caller) -> tuple[Path, FileRow]:
         return self.files.open_content(file_id, caller)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from server.http import errors
 from server.http.deps import authenticate
@@ -19,7 +20,9 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
 def build_api(state: AppState, lifespan: Lifespan) -> FastAPI:
-    app = FastAPI(title="Spillway", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc with their scripts and styles served from this box (fastapi-offline
+    # ships them), not from a CDN: an air-gapped box shows them too.
+    app = FastAPIOffline(title="Spillway", version="0.1.0", lifespan=lifespan)
     app.state.spillway = state
     errors.install(app)
     app.include_router(ops.router)

@@ -53,7 +53,9 @@ def error_response(err: APIError, path: str = "",
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):  # where it came, not its name
+        loc = loc[1:]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
@@ -76,7 +78,13 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's body reader says 400
             return Response(status_code=499)
-        err = APIError(exc.status_code, str(exc.detail),
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no route has this path
+            message = (f"No such endpoint: {request.method} {request.url.path[:200]}. This "
+                       "server answers the OpenAI API under /v1 (e.g. /v1/images/generations) "
+                       "and the Gemini API under /v1beta (e.g. /v1beta/models/...); check "
+                       "your client's base URL.")
+        err = APIError(exc.status_code, message,
                        type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
                        code=_STATUS_CODES.get(exc.status_code))
         return error_response(err, request.url.path, request.headers)

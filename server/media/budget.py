@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from server.errors import APIError
+from server.retry_after import retry_headers
 
 T = TypeVar("T")
 
@@ -93,4 +94,4 @@ class PixelBudget:
         return APIError(429, f"The server is decoding as many image pixels as it has "
                         f"memory for; this image waited {self.wait_s:g} s. Retry shortly.",
                         type="rate_limit_error", param=param, code="intake_busy",
-                        headers={"Retry-After": "1"})
+                        headers=retry_headers(1.0))

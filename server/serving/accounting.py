@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from server.errors import APIError
 from server.job import Served
+from server.retry_after import NO_RETRY, retry_headers
 from server.store.keys import ADMIN_OWNER, KeyInfo
 from server.store.ledger import UsageRow
 from server.store.quotas import Limits, QuotaExceeded, Quotas, Reservation
@@ -121,7 +122,7 @@ def row_for(account: Account) -> UsageRow:
 
 def quota_busy() -> APIError:
     return APIError(503, "The key's quota counter is too busy; retry.", type="server_error",
-                    code="quota_busy", headers={"Retry-After": "1"})
+                    code="quota_busy", headers=retry_headers(1.0))
 
 
 class Accounting:
@@ -177,8 +178,9 @@ class Accounting:
             else:
                 message = (f"The key {info.name!r} has spent ${exc.used:.2f} of its "
                            f"${exc.limit:.2f} today.")
+            # Until the UTC day turns, a retry meets the same answer: the SDK should not.
             raise APIError(429, message, type="insufficient_quota",
-                           code="insufficient_quota") from None
+                           code="insufficient_quota", headers=NO_RETRY) from None
 
     async def close(self, account: Account) -> None:
         """The account's ledger row (when it ran or was refused), and its quota counted as

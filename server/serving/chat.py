@@ -39,6 +39,8 @@ from server.wire.openai_chat import (
 
 
 class StreamFormat(Protocol):
+    media_type: str  # the response's Content-Type
+
     def opening(self) -> list[str]: ...
 
     def delta(self, text: str) -> str: ...

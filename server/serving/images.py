@@ -5,11 +5,13 @@ and accounted for."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 from PIL import Image
 
 from server import catalog
 from server.config import Settings
+from server.errors import bad_request
 from server.job import ImageJob, OutImage, Served
 from server.media import intake
 from server.media.budget import PixelBudget
@@ -18,6 +20,7 @@ from server.serving.accounting import Account, Accounting, served_by
 from server.wire.openai_images import (
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageVariationRequest,
     edit_size,
     fit_source,
     parse_size,
@@ -58,6 +61,17 @@ class ImageServing:
                                     self.settings.clouds)
         images = await self.edit_sources(req, sources)
         return to_edit_job(req, model or req.model or "auto", self.settings.images, images)
+
+    async def variation_job(self, req: ImageVariationRequest, source: Source) -> ImageJob:
+        """A variation: image-to-image of ``source`` with an empty prompt, on the local
+        model (no cloud makes variations of the same kind)."""
+        if req.model not in catalog.IMAGE_NAMES:
+            raise bad_request(f"Variations are made by the local model ({catalog.IMAGE_MODEL}); "
+                              f"{req.model!r} does not make them here.", param="model",
+                              code="unsupported_value")
+        job = await self.edit_job(req.as_edit(self.settings.images), [source],
+                                  catalog.IMAGE_MODEL)
+        return replace(job, prompt="")
 
     async def edit_sources(self, req: ImageEditRequest, sources: list[Source]
                            ) -> list[Image.Image]:

@@ -83,12 +83,12 @@ function renderTables(d) {
     : "no local model", "muted"))]));
   $("clouds").replaceChildren(...d.clouds.map((c) => row(
     cell(c.name),
-    cell(`${c.kind} · ${c.tier}`, "muted"),
     cell(c.configured ? "configured" : "not configured", c.configured ? "" : "muted"),
     cell(c.circuit.replace("_", "-"), `circuit ${c.circuit}`),
     cell(c.budget_usd === null ? money(c.spent_today_usd)
       : `${money(c.spent_today_usd)} / ${money(c.budget_usd)}`),
     cell(String(c.requests_today)),
+    cell(`${c.kind} · ${c.tier}`, "muted"),
   )));
 }
 

@@ -63,6 +63,10 @@ class GeminiAsk:
         return ""
 
 
+# google.ai.generativelanguage's Modality enum, by number.
+MODALITY_NUMBERS = {0: "MODALITY_UNSPECIFIED", 1: "TEXT", 2: "IMAGE", 3: "AUDIO"}
+
+
 def _number(value: Any, param: str, lo: float, hi: float, *, integer: bool = False
             ) -> float | int | None:
     if value is None:
@@ -92,10 +96,15 @@ def parse_config(raw: Any) -> GenerationConfig:
     for i, stop in enumerate(stops):
         text_value(stop, f"{where}.stopSequences[{i}]")
     modalities = _get(raw, "responseModalities") or []
-    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+    if not isinstance(modalities, list) or not all(
+            isinstance(m, str) or (isinstance(m, int) and not isinstance(m, bool))
+            for m in modalities):
         raise bad_request("responseModalities must be a list such as [\"TEXT\", \"IMAGE\"].",
                           param=f"{where}.responseModalities")
-    upper = frozenset(m.upper() for m in modalities)
+    # The REST transport's enum-encoding=int sends the enum's numbers (Modality: 1 TEXT,
+    # 2 IMAGE, 3 AUDIO); an unknown number is refused below by the name it does not have.
+    upper = frozenset(MODALITY_NUMBERS.get(m, f"MODALITY_{m}") if isinstance(m, int)
+                      else m.upper() for m in modalities)
     if not upper <= MODALITIES:
         raise bad_request(f"responseModalities {sorted(upper - MODALITIES)} are not "
                           "supported; use TEXT and/or IMAGE.",
@@ -287,6 +296,8 @@ class GeminiChunks:
     """``streamGenerateContent?alt=sse``: one GenerateContentResponse per event, the last
     with the finish reason and usage; no end marker."""
 
+    media_type = "text/event-stream"
+
     def __init__(self, model: str, rid: str) -> None:
         self.model, self.rid = model, rid
 
@@ -305,6 +316,38 @@ class GeminiChunks:
 
     def ending(self) -> list[str]:
         return []
+
+
+class GeminiJsonArray:
+    """``streamGenerateContent`` without ``alt=sse`` (or with ``alt=json``): the same
+    GenerateContentResponse objects as one JSON array, sent as they come, as Google's REST
+    API does."""
+
+    media_type = "application/json"
+
+    def __init__(self, model: str, rid: str) -> None:
+        self.model, self.rid = model, rid
+        self._sent = 0
+
+    def _item(self, body: dict[str, Any]) -> str:
+        self._sent += 1
+        return ("[" if self._sent == 1 else ",\r\n") + json.dumps(body, separators=(",", ":"))
+
+    def opening(self) -> list[str]:
+        return []
+
+    def delta(self, text: str) -> str:
+        return self._item(text_response(text, None, 0, 0, self.model, self.rid))
+
+    def closing(self, result: ChatResult) -> list[str]:
+        return [self._item(text_response("", result.finish_reason, result.prompt_tokens,
+                                         result.completion_tokens, self.model, self.rid))]
+
+    def error(self, err: APIError) -> str:
+        return self._item(gemini_body(err))
+
+    def ending(self) -> list[str]:
+        return ["]" if self._sent else "[]"]
 
 
 def _now() -> str:

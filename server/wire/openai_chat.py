@@ -180,6 +180,8 @@ def sse(body: dict[str, Any]) -> str:
 class OpenAIChunks:
     """``chat.completion.chunk`` events, the usage chunk if asked, then ``[DONE]``."""
 
+    media_type = "text/event-stream"
+
     def __init__(self, cid: str, model: str, include_usage: bool) -> None:
         self.cid, self.model, self.include_usage = cid, model, include_usage
         self.created = int(time.time())

@@ -85,6 +85,36 @@ class ImageEditRequest(ImageGenerationRequest):
     strength: float | None = Field(None, ge=0.25, le=1.0)  # extension; 4 steps x 0.25 = 1
 
 
+class ImageVariationRequest(WireModel):
+    """The scalar fields of images/variations (multipart strings arrive coerced): OpenAI's
+    and Spillway's extensions; any other is refused by name (a variation has no prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    n: int | None = Field(1, ge=1, le=10)
+    size: str | None = "auto"
+    response_format: Literal["url", "b64_json"] | None = None
+    user: str | None = None
+    # Spillway extensions
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=4)
+    strength: float | None = Field(None, ge=0.25, le=1.0)
+    vae: Literal["full", "tiny"] | None = None
+
+    def as_edit(self, limits: ImageSettings) -> ImageEditRequest:
+        """The image-to-image request a variation is: no prompt (the job's is empty), at
+        ``images.variation_strength`` unless it says its own."""
+        fields = self.model_dump(exclude={"model"}, exclude_none=True)
+        fields.setdefault("strength", limits.variation_strength)
+        return ImageEditRequest.model_validate({**fields, "prompt": VARIATION})
+
+
+VARIATION = "(a variation)"  # stands in for the prompt a variation does not have
+
+
 def edit_size(size: str | None, source: tuple[int, int], limits: ImageSettings
               ) -> tuple[int, int]:
     """``auto`` keeps the source's aspect within the bounds, sides rounded to 8."""

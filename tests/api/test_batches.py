@@ -404,6 +404,34 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def test_files_list_pages_orders_and_filters(client: openai.OpenAI) -> None:
+    made = {client.files.create(file=(f"f{i}.jsonl", jsonl([gen_line(str(i), "x")])),
+                                purpose="batch").id for i in range(3)}
+    newest_first = client.files.list(purpose="batch").data
+    assert made <= {f.id for f in newest_first}
+    stamps = [f.created_at for f in newest_first]
+    assert stamps == sorted(stamps, reverse=True)
+    # oldest first is the same list backwards (ties in a second broken the same way)
+    assert [f.id for f in client.files.list(purpose="batch", order="asc")] == \
+        [f.id for f in reversed(newest_first)]
+    page = client.files.list(purpose="batch", limit=2)
+    assert len(page.data) == 2 and page.has_more
+    rest = client.files.list(purpose="batch", limit=2, after=page.data[-1].id)
+    assert [f.id for f in [*page.data, *rest.data]] == [f.id for f in newest_first][:4]
+    # the SDK's auto-pagination walks every page
+    assert [f.id for f in client.files.list(purpose="batch", limit=1)] == \
+        [f.id for f in newest_first]
+    assert client.files.list(purpose="fine-tune").data == []
+    gone = next(iter(made))
+    client.files.delete(gone)
+    assert gone not in {f.id for f in client.files.list()}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.list(order="sideways")  # type: ignore[arg-type]
+    assert _error_shape(exc.value)["param"] == "order"
+    with pytest.raises(openai.NotFoundError):
+        client.files.list(after="file-nope")
+
+
 def test_batches_belong_to_their_key(tiny_weights: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/l.db"
     admin_key = "admin-secret-for-batch-tests-0123"
@@ -430,6 +458,11 @@ def test_batches_belong_to_their_key(tiny_weights: Path, tmp_path: Path) -> None
         assert done.id not in [x.id for x in b.batches.list()]
         assert done.id in [x.id for x in a.batches.list()]
         assert admin.batches.retrieve(done.id).status == "completed"
+        # files.list shows a key its own files only (the admin key: everyone's)
+        mine = {f.id for f in a.files.list()}
+        assert {done.input_file_id, done.output_file_id} <= mine
+        assert not mine & {f.id for f in b.files.list()}
+        assert mine <= {f.id for f in admin.files.list()}
     rows = ledger_rows(url)  # the item is accounted to the key that made the batch
     assert [(r.key_name, r.route, r.images) for r in rows
             if r.endpoint == "/v1/images/generations"] == [("team-a", "local", 1)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -234,3 +235,31 @@ def test_concurrent_requests_share_one_generate_call(tiny_weights: Path) -> None
         answers = [first.result(), *(f.result() for f in rest)]
     assert calls == [1, 8]  # the eight that queued behind the busy model ran as one batch
     assert all(isinstance(a, str) for a in answers)
+
+
+def test_streams_closed_early_leave_nothing_pending(base_url: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Twenty clients that hang up after the first piece: no task is left pending (asyncio
+    logs "Task was destroyed but it is pending!" when one is collected), and the server
+    still answers."""
+    import gc
+    import time
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    body = {"model": "local-vlm", "stream": True, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "tell me a long story"}]}
+    for _ in range(20):
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body,
+                          timeout=60) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+    time.sleep(0.5)  # the server notices the hang-ups
+    gc.collect()
+    time.sleep(0.2)
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": "local-vlm", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "still there?"}]})
+    assert r.status_code == 200
+    gc.collect()
+    leaked = [rec.getMessage() for rec in caplog.records if "pending" in rec.getMessage()]
+    assert leaked == []

@@ -130,3 +130,42 @@ def test_missing_prompt(base_url: str) -> None:
     r = httpx.post(f"{base_url}/v1/images/edits", timeout=60,
                    files=[("image", ("a.png", RED, "image/png"))])
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+# -- images/variations (issue 15, item 3) -----------------------------------------------------
+
+def test_variations_through_the_openai_sdk(client: openai.OpenAI) -> None:
+    raw = client.images.with_raw_response.create_variation(
+        image=("red.png", RED, "image/png"), n=2, size="256x256", response_format="b64_json",
+        extra_body={"seed": 3})
+    r = raw.parse()
+    assert raw.headers["x-spillway-route"] == "local"
+    assert [d.model_extra["seed"] for d in r.data] == [3, 4]
+    first = pixels(r.data[0].b64_json)
+    assert first.shape == (256, 256, 3)
+    assert np.abs(first - pixels(r.data[1].b64_json)).mean() > 1  # seeds differ
+    # a variation is of its source: another picture in, another picture out
+    other = client.images.create_variation(image=("blue.png", BLUE, "image/png"),
+                                           size="256x256", response_format="b64_json",
+                                           extra_body={"seed": 3})
+    assert np.abs(first - pixels(other.data[0].b64_json)).max() > 4
+    # and not an edit with a prompt: the same source and seed as images.edit differ
+    edited = edit(client, ("red.png", RED, "image/png"), 3, size="256x256")
+    assert np.abs(first - pixels(edited.data[0].b64_json)).max() > 0
+    url = client.images.create_variation(image=("red.png", RED, "image/png"))
+    assert url.data[0].url is not None or url.data[0].b64_json is not None
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"prompt": "a cat"}, "prompt"),  # a variation has no prompt: refused by name
+    ({"model": "dall-e-2"}, "model"),
+    ({"n": "11"}, "n"),
+    ({"size": "100x100"}, "size"),
+])
+def test_variations_refuse_what_they_do_not_take(base_url: str, fields: dict[str, str],
+                                                 param: str) -> None:
+    r = httpx.post(f"{base_url}/v1/images/variations", data=fields,
+                   files={"image": ("red.png", RED, "image/png")}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    missing = httpx.post(f"{base_url}/v1/images/variations", data={"n": "1"}, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"

@@ -58,6 +58,8 @@ def test_keys_quotas_and_usage(tiny_weights: Path, tmp_path: Path) -> None:
         with pytest.raises(openai.RateLimitError) as quota:
             gen(a, 2)  # 2 + 2 > 3 images today
         assert quota.value.body["code"] == "insufficient_quota"  # type: ignore[index]
+        # a retry cannot help until the day turns: the openai SDK reads this and stops
+        assert quota.value.response.headers["x-should-retry"] == "false"
         assert gen(a, 1) == 1  # exactly at the quota is fine
         with pytest.raises(openai.RateLimitError):
             gen(a, 1)

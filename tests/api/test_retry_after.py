@@ -133,7 +133,9 @@ def test_long_drain_says_retry_within_the_cap_and_the_sdk_retries(tmp_path: Path
 
 
 @pytest.mark.parametrize(("estimate", "seconds", "ms"), [
-    (0.0, "1", "1000"), (-3.0, "1", "1000"), (float("nan"), "1", "1000"),
+    # a drain under a second is said to the millisecond (down to 100 ms) in retry-after-ms,
+    # which the openai SDK reads first; Retry-After counts whole seconds, at least 1
+    (0.0, "1", "100"), (0.3, "1", "300"), (-3.0, "1", "1000"), (float("nan"), "1", "1000"),
     (1.2, "2", "1200"), (42.0, "42", "42000"), (135.0, "60", "60000"),
     (float("inf"), "60", "60000")])
 def test_retry_headers_are_capped(estimate: float, seconds: str, ms: str) -> None:

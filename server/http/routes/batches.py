@@ -7,6 +7,7 @@ pages). The work itself, and where it is stored, is server/batches/.
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -20,6 +21,7 @@ from server.batches.store import file_object
 from server.errors import APIError, bad_request
 from server.http.deps import State, caller_of
 from server.http.middleware import RequestContext
+from server.retry_after import retry_headers
 from server.services import AppState
 from server.wire.openai_images import WireModel
 
@@ -46,7 +48,7 @@ class UploadBodyLimit:
 def _service(state: AppState) -> BatchService:
     if state.batches is None:
         raise APIError(503, "Batches are not available yet.", type="server_error",
-                       code="batches_not_ready", headers={"Retry-After": "5"})
+                       code="batches_not_ready", headers=retry_headers(5.0))
     return state.batches
 
 
@@ -70,6 +72,16 @@ async def create_file(request: Request, state: State) -> JSONResponse:
     finally:
         await form.close()
     return JSONResponse(body)
+
+
+@router.get("/v1/files")
+async def list_files(request: Request, state: State, purpose: str | None = None,
+                     limit: int = Query(10_000, ge=1, le=10_000), after: str | None = None,
+                     order: Literal["asc", "desc"] = "desc") -> JSONResponse:
+    """The caller's files (OpenAI's `files.list`): newest first unless `order=asc`."""
+    return JSONResponse(await asyncio.to_thread(
+        _service(state).list_files, caller_of(request), purpose=purpose, limit=limit,
+        after=after, order=order))
 
 
 @router.get("/v1/files/{file_id}")

@@ -43,8 +43,8 @@ async def stream_chat(request: Request, serving: Serving, endpoint: str, model: 
                                                                         deadline))
     except ClientGone:
         return Response(status_code=499)
-    return StreamingResponse(stream.lines, media_type="text/event-stream",
-                             headers=stream.headers)
+    return StreamingResponse(stream.lines, headers=stream.headers,
+                             media_type=fmt.media_type)
 
 
 @router.post("/v1/chat/completions")

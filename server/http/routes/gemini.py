@@ -9,6 +9,7 @@ Google's shape (server/errors.py picks it by path); the key may come in ``x-goog
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -26,6 +27,7 @@ from server.services import AppState
 from server.wire.gemini import (
     GeminiAsk,
     GeminiChunks,
+    GeminiJsonArray,
     images_response,
     model_entry,
     parse_request,
@@ -128,10 +130,11 @@ async def _text(request: Request, state: AppState, asked: str, ask: GeminiAsk,
 
 
 async def _stream(request: Request, state: AppState, asked: str, ask: GeminiAsk,
-                  endpoint: str) -> Response:
+                  endpoint: str, *, sse: bool) -> Response:
     job = await _chat_job(state, asked, ask)
-    return await stream_chat(request, state.require_serving(), endpoint, asked, job,
-                             GeminiChunks(asked, response_id()), deadline_s(request, state))
+    fmt = (GeminiChunks if sse else GeminiJsonArray)(asked, response_id())
+    return await stream_chat(request, state.require_serving(), endpoint, asked, job, fmt,
+                             deadline_s(request, state))
 
 
 def gemini_models(state: AppState) -> list[dict[str, Any]]:
@@ -167,11 +170,33 @@ def _endpoint(version: str, method: str) -> str:
 
 
 async def other_method(model: str, method: str) -> Response:
-    """countTokens, embedContent...: a clear 404 in Google's shape, not the 405 of the
-    models.get route that the path would otherwise fall to."""
+    """embedContent...: a clear 404 in Google's shape, not the 405 of the models.get route
+    that the path would otherwise fall to."""
     raise APIError(404, f"Method {method[:40]!r} is not served here: this server answers "
-                   "generateContent and streamGenerateContent.", type="not_found_error",
-                   param="method", code="method_not_found")
+                   "generateContent, streamGenerateContent and countTokens.",
+                   type="not_found_error", param="method", code="method_not_found")
+
+
+async def count_tokens(model: str, request: Request, state: State) -> dict[str, Any]:
+    """``countTokens`` for a text model: the prompt's tokens as the local VLM counts them
+    (its tokenizer and image processor), whichever model name was asked (the router may
+    send the request elsewhere, but this is the count it is admitted by)."""
+    raw = await json_body(request)
+    if isinstance(raw, dict) and isinstance(raw.get("generateContentRequest"), dict):
+        raw = raw["generateContentRequest"]  # the other spelling of the same request
+    ask = parse_request(raw)
+    if wants_image(model, ask.config):
+        raise bad_request("countTokens counts text prompts; image models are not counted.",
+                          param="model")
+    local = state.chat
+    if local is None:
+        raise APIError(503 if state.chat_enabled else 400,
+                       "countTokens needs the local vision-language model"
+                       + (", which is still loading." if state.chat_enabled
+                          else ", which is not enabled on this server."), param="model",
+                       code="model_not_ready" if state.chat_enabled else "unsupported_value")
+    job = await _chat_job(state, model, ask)
+    return {"totalTokens": await asyncio.to_thread(local.count_tokens, job)}
 
 
 def _add(version: str) -> None:
@@ -184,20 +209,25 @@ def _add(version: str) -> None:
             return await _images(request, state, model, ask, generate)
         return await _text(request, state, model, ask, generate)
 
-    async def stream_generate_content(model: str, request: Request, state: State,
-                                      alt: str = "sse") -> Response:
-        if alt != "sse":
-            raise bad_request("Only alt=sse streaming is served.", param="alt")
+    async def stream_generate_content(model: str, request: Request, state: State) -> Response:
+        # alt=sse: server-sent events (google-genai); none, alt=json or Google's $alt=json
+        # (older SDKs over REST): one JSON array, sent as it comes.
+        query = request.query_params
+        alt = (query.get("alt") or query.get("$alt") or "json").split(";")[0].strip()
+        if alt not in ("sse", "json"):
+            raise bad_request(f"alt={alt[:20]!r} is not served: use sse or json.", param="alt")
         ask = await _ask(request)
         if wants_image(model, ask.config):
             raise bad_request("Streaming is for text; ask for images with generateContent.",
                               param="generationConfig.responseModalities")
-        return await _stream(request, state, model, ask, stream)
+        return await _stream(request, state, model, ask, stream, sse=alt == "sse")
 
     router.add_api_route(generate, generate_content, methods=["POST"],
                          name=f"gemini_generate_{version}")
     router.add_api_route(stream, stream_generate_content, methods=["POST"],
                          name=f"gemini_stream_{version}")
+    router.add_api_route(_endpoint(version, "countTokens"), count_tokens, methods=["POST"],
+                         name=f"gemini_count_tokens_{version}")
     router.add_api_route(_endpoint(version, "{method}"), other_method, methods=["POST"],
                          include_in_schema=False)
 

@@ -1,4 +1,5 @@
-"""POST /v1/images/generations and GET /v1/images/{id}."""
+"""POST /v1/images/generations, /v1/images/edits, /v1/images/variations and
+GET /v1/images/{id}."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ from server.http.deps import (
 from server.job import ImageJob, OutImage, Served
 from server.media import intake
 from server.services import AppState
-from server.wire.openai_images import ImageEditRequest, ImageGenerationRequest, images_response
+from server.wire.openai_images import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageVariationRequest,
+    images_response,
+)
 
 router = APIRouter()
 # The ids of `url` images are 144 random bits: the URL itself is the credential, so a
@@ -75,6 +81,31 @@ def _respond(request: Request, state: AppState, job: ImageJob, images: list[OutI
             entry["b64_json"] = base64.b64encode(image.data).decode("ascii")
         data.append(entry)
     return JSONResponse(images_response(job, data), headers=served.headers())
+
+
+@router.post("/v1/images/variations")
+async def create_variation(request: Request, state: State) -> Response:
+    """OpenAI's images.create_variation: image-to-image of the uploaded picture with an
+    empty prompt, on the local model."""
+    serving = state.require_serving()
+    form = await request.form(max_files=2, max_fields=32)
+    try:
+        uploads = form.getlist("image")
+        if len(uploads) != 1 or not isinstance(uploads[0], UploadFile):
+            raise bad_request("Send one picture as a multipart file named 'image'.",
+                              param="image")
+        data = await uploads[0].read(state.settings.media.max_bytes + 1)
+        fields = {k: v for k, v in form.items() if k != "image"}
+        if any(not isinstance(v, str) for v in fields.values()):
+            raise bad_request("Only 'image' is a file here.", param="image")
+    finally:
+        await form.close()
+    try:
+        req = ImageVariationRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    job = await serving.images.variation_job(req, (data, "image"))
+    return await _run(request, state, "/v1/images/variations", job)
 
 
 @public_router.get("/v1/images/{image_id}")

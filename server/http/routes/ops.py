@@ -12,6 +12,7 @@ from server.http.deps import State, authenticate, caller_of
 from server.http.errors import google_client
 from server.http.routes import gemini
 from server.ops.metrics import CONTENT_TYPE_LATEST
+from server.retry_after import retry_headers
 from server.services import AppState
 
 router = APIRouter()
@@ -27,12 +28,12 @@ async def readyz(state: State) -> JSONResponse:
     live = state.live()
     if not live.ready:
         return JSONResponse({"status": live.status}, status_code=503,
-                            headers={"Retry-After": "5"})
+                            headers=retry_headers(5.0))
     models = [m.model for m in live.models]
     problem = state.storage_problem()
     if problem is not None:  # serving, but a balancer should send new work elsewhere
         return JSONResponse({"status": "storage", "detail": problem, "models": models},
-                            status_code=503, headers={"Retry-After": "30"})
+                            status_code=503, headers=retry_headers(30.0))
     return JSONResponse({"status": "ready", "models": models})
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from pipelines.base import NotFinite
 from server.errors import APIError, shutting_down
 from server.providers.local.estimate import (
     Arrivals,
@@ -38,6 +39,7 @@ from server.providers.local.forming import (
     split_expired,
 )
 from server.providers.local.runner import InThread, Runner
+from server.retry_after import NO_RETRY, retry_headers
 
 __all__ = ["BatchDone", "BatchPolicy", "Batcher", "Closed", "Decision", "Expired", "Item",
            "Pending", "QueueFull", "Snapshot", "Timing", "form_batch", "from_batch_failure",
@@ -373,9 +375,13 @@ def from_batch_failure(exc: BaseException, timeout_s: float, what: str) -> APIEr
     if isinstance(exc, Expired):
         return APIError(503, f"The request waited longer than {timeout_s:g} s in the local "
                         "queue.", type="server_error", code="queue_timeout",
-                        headers={"Retry-After": "1"})
+                        headers=retry_headers(1.0))
     if isinstance(exc, Closed):
         return shutting_down()
+    if isinstance(exc, NotFinite):  # the same prompt and seed fail the same way again
+        return APIError(500, f"The local {what} made an image that is not finite (NaN) for "
+                        "this prompt and seed; try another seed.", type="server_error",
+                        code="pipeline_error", headers=NO_RETRY)
     detail = str(exc).splitlines()[0][:200] if str(exc) else ""
     return APIError(500, f"The local {what} failed: {type(exc).__name__}"
                     + (f": {detail}" if detail else ""), type="server_error",

@@ -114,9 +114,10 @@ class LocalChat:
     async def _drain(self, waiting: asyncio.Future[ChatResult],
                      future: concurrent.futures.Future[ChatResult], pieces: asyncio.Queue[str],
                      gone: threading.Event) -> AsyncGenerator[StreamEvent, None]:
+        getter: asyncio.Future[str] | None = None
         try:
             while not waiting.done() or not pieces.empty():
-                getter: asyncio.Future[str] = asyncio.ensure_future(pieces.get())
+                getter = asyncio.ensure_future(pieces.get())
                 both: list[asyncio.Future[Any]] = [getter, waiting]
                 await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
@@ -129,5 +130,7 @@ class LocalChat:
                 raise from_batch_failure(exc, self.timeout_s, "vision model") from exc
             yield StreamEvent(result=result, timing=timing_of(future))
         finally:
+            if getter is not None:
+                getter.cancel()  # a client that left mid-wait leaves no task pending
             waiting.cancel()  # no-op when done; drops the item if the client left early
             gone.set()  # and if it is already running, its row stops at the next token

@@ -247,7 +247,8 @@ def test_numeric_fields_name_their_full_path_like_the_other_fields() -> None:
     ({"stopSequences": [3]}, "generationConfig.stopSequences"),
     ({"stopSequences": ["ok", "\udfff"]}, "generationConfig.stopSequences[1]"),
     ({"responseModalities": "IMAGE"}, "generationConfig.responseModalities"),
-    ({"responseModalities": [1]}, "generationConfig.responseModalities"),
+    ({"responseModalities": [True]}, "generationConfig.responseModalities"),
+    ({"responseModalities": [3]}, "generationConfig.responseModalities"),  # AUDIO, by number
     ({"responseModalities": ["AUDIO"]}, "generationConfig.responseModalities"),
     ({"imageConfig": "16:9"}, "generationConfig.imageConfig"),
     ({"imageConfig": {"aspectRatio": "16x9"}}, "generationConfig.imageConfig.aspectRatio"),
