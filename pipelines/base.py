@@ -44,10 +44,15 @@ class ImageItem:
     # which decoder turns latents into pixels: the model's own VAE, or the tiny one
     # (TAESDXL: several times faster, a little softer)
     vae: VaeChoice = "full"
+    # inpainting: which pixels of the source to repaint (mode "L", width x height, 255 =
+    # repaint); the rest of the source comes back as it was
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
-        return "text2img" if self.init_image is None else "img2img"
+        if self.init_image is None:
+            return "text2img"
+        return "img2img" if self.mask is None else "inpaint"
 
     @property
     def shape_key(self) -> ShapeKey:

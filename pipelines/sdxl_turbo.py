@@ -17,6 +17,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
     AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     StableDiffusionXLPipeline,
 )
@@ -70,6 +71,19 @@ def check_item(item: ImageItem, limits: Limits) -> None:
         if item.init_image.size != (item.width, item.height):
             raise ValueError(f"source image is {item.init_image.size}, "
                              f"not {(item.width, item.height)}")
+    if item.mask is not None and (item.init_image is None or item.mask.mode != "L"
+                                  or item.mask.size != (item.width, item.height)):
+        raise ValueError("a mask needs a source image, and is mode L at the item's size")
+
+
+def keep_unmasked(picture: Picture | NotFinite, item: ImageItem) -> Picture | NotFinite:
+    """An inpainted picture with the source's own pixels outside the mask: the VAE's
+    round trip would otherwise shift them a little (and the tiny random one a lot)."""
+    if isinstance(picture, NotFinite) or item.init_image is None or item.mask is None:
+        return picture
+    source = np.asarray(item.init_image.convert("RGB"), dtype=np.uint8)
+    repaint = np.asarray(item.mask, dtype=np.uint8)[..., None] > 127
+    return np.where(repaint, picture, source).astype(np.uint8)
 
 
 def check_dtypes(modules: dict[str, Any], dtype: torch.dtype) -> None:
@@ -106,6 +120,10 @@ class SDXLTurbo:
         # Same modules, no copy: image-to-image shares the text-to-image weights.
         self.img2img_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
         self.img2img_pipe.set_progress_bar_config(disable=True)
+        # Inpainting shares the loaded weights too (SDXL-Turbo's UNet has 4 input
+        # channels: the pipeline blends the source's latents in outside the mask).
+        self.inpaint_pipe = AutoPipelineForInpainting.from_pipe(pipe)
+        self.inpaint_pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.limits = limits
         self.attention = "sdpa"
@@ -316,6 +334,10 @@ class SDXLTurbo:
         if first.kind == "img2img":
             pipe = self.img2img_pipe
             extra = {"image": [item.init_image for item in items], "strength": first.strength}
+        elif first.kind == "inpaint":
+            pipe = self.inpaint_pipe
+            extra = {"image": [item.init_image for item in items],
+                     "mask_image": [item.mask for item in items], "strength": first.strength}
         # 2. One batched call, up to the latents.
         with self._unet(pipe, compiled):
             latents = pipe(prompt=[item.prompt for item in items], width=first.width,
@@ -326,7 +348,10 @@ class SDXLTurbo:
             raise RuntimeError(f"pipeline returned {latents.shape[0]} latents for "
                                f"{len(items)} items")
         # 3. Decode, check, convert on the device; one copy out.
-        return self._decode(latents, first.vae, compiled)
+        pictures = self._decode(latents, first.vae, compiled)
+        if first.kind == "inpaint":
+            pictures = [keep_unmasked(p, item) for p, item in zip(pictures, items, strict=True)]
+        return pictures
 
     def _decode(self, latents: torch.Tensor, vae_name: str, compiled: bool
                 ) -> list[Picture | NotFinite]:

@@ -31,6 +31,9 @@ class ImageJob:
     # the decoder the request asked for (extension field `vae`); None: by quality
     # (images.fast_qualities), where the image is made locally
     vae: VaeChoice | None = None
+    # images/edits with a mask: what to repaint (mode "L", width x height, 255 = repaint;
+    # OpenAI's transparent pixels), the same for every source
+    mask: Image.Image | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -40,7 +43,8 @@ class ImageJob:
         sources = self.init_images
         return [ImageItem(self.prompt, seed, self.width, self.height, self.steps,
                           init_image=sources[i % len(sources)] if sources else None,
-                          strength=self.strength if sources else 0.0, vae=vae)
+                          strength=self.strength if sources else 0.0, vae=vae,
+                          mask=self.mask if sources else None)
                 for i, seed in enumerate(self.seeds)]
 
 

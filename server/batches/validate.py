@@ -76,6 +76,7 @@ class Line:
     chat: ChatRequest | None = None
     image: ImageGenerationRequest | None = None  # an ImageEditRequest for /v1/images/edits
     sources: list[str] = field(default_factory=list)
+    mask: str | None = None  # an edit's mask.image_url (inpainting)
 
 
 def typed(endpoint: str, body: dict[str, Any], media: MediaSettings) -> Line:
@@ -85,10 +86,12 @@ def typed(endpoint: str, body: dict[str, Any], media: MediaSettings) -> Line:
         return Line(image=ImageGenerationRequest.model_validate(body))
     fields = dict(body)
     sources = edit_refs(fields.pop("images", None), media)
-    if "mask" in fields:
-        raise bad_request("Masks (inpainting) are not supported.", param="mask",
-                          code="unsupported_value")
-    return Line(image=ImageEditRequest.model_validate(fields), sources=sources)
+    mask = fields.pop("mask", None)
+    if mask is not None and not (isinstance(mask, dict) and isinstance(mask.get("image_url"),
+                                                                       str)):
+        raise bad_request("mask must be {\"image_url\": ...}.", param="mask")
+    return Line(image=ImageEditRequest.model_validate(fields), sources=sources,
+                mask=None if mask is None else str(mask["image_url"]))
 
 
 class Validator:

@@ -368,7 +368,8 @@ class Worker:
             # The intake the HTTP route uses: off the event loop, fitted, within the
             # pixel budget (a 429 intake_busy here is retried like a full queue).
             job = await serving.images.edit_job(line.image, [
-                (ref, f"images[{i}]") for i, ref in enumerate(line.sources)])
+                (ref, f"images[{i}]") for i, ref in enumerate(line.sources)],
+                mask=None if line.mask is None else (line.mask, "mask"))
         else:
             job = serving.images.generation_job(line.image)
         await self._check_owner(item, account)

@@ -47,8 +47,8 @@ _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
 async def load_image(ref: str, media: MediaSettings, *, param: str = "image_url",
-                     budget: PixelBudget | None = None, fit: Fit | None = None
-                     ) -> Image.Image:
+                     budget: PixelBudget | None = None, fit: Fit | None = None,
+                     mode: str = "RGB") -> Image.Image:
     """An RGB image from a data URL or an http(s) URL: ``decode_image`` of its bytes."""
     scheme = scheme_of(ref)
     if scheme == "data":
@@ -62,21 +62,22 @@ async def load_image(ref: str, media: MediaSettings, *, param: str = "image_url"
     else:
         raise refuse(param, f"the URL scheme {show(scheme)} is not accepted; use http, "
                       "https or data.", "invalid_image_url")
-    return await decode_image(data, media, param=param, budget=budget, fit=fit)
+    return await decode_image(data, media, param=param, budget=budget, fit=fit, mode=mode)
 
 
 async def decode_image(data: bytes, media: MediaSettings, *, param: str = "image",
-                       budget: PixelBudget | None = None, fit: Fit | None = None
-                       ) -> Image.Image:
+                       budget: PixelBudget | None = None, fit: Fit | None = None,
+                       mode: str = "RGB") -> Image.Image:
     """Decode ``data`` and ``fit`` the result (scale it to what it is for) in one worker-
     thread step, so the full-size pixels are dropped as soon as they are fitted; never on
     the event loop. With a ``budget`` (the server's: ``AppState.pixels``) the step waits
     until the image's pixels fit in what all requests may hold decoded at once."""
     if budget is None:
-        return await asyncio.to_thread(decode_image_bytes, data, media, param=param, fit=fit)
+        return await asyncio.to_thread(decode_image_bytes, data, media, param=param, fit=fit,
+                                       mode=mode)
     width, height = await asyncio.to_thread(image_size, data, media, param=param)
     return await budget.run(width * height, functools.partial(
-        decode_image_bytes, data, media, param=param, fit=fit), param=param)
+        decode_image_bytes, data, media, param=param, fit=fit, mode=mode), param=param)
 
 
 def image_size(data: bytes, media: MediaSettings, *, param: str = "image") -> tuple[int, int]:
@@ -113,9 +114,10 @@ def check_count(count: int, media: MediaSettings, *, param: str) -> None:
 
 
 def decode_image_bytes(data: bytes, media: MediaSettings, *, param: str = "image",
-                       fit: Fit | None = None) -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, WEBP, GIF first frame) to RGB, within the caps,
-    then ``fit`` it. Blocking: call it from a worker thread (``decode_image``)."""
+                       fit: Fit | None = None, mode: str = "RGB") -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, WEBP, GIF first frame) to RGB (or ``mode``:
+    RGBA for a mask, whose transparency is what it says), within the caps, then ``fit``
+    it. Blocking: call it from a worker thread (``decode_image``)."""
     sniffed = _check_encoded(data, media, param)
     try:
         image = _open_checked(data, media, param)
@@ -126,8 +128,8 @@ def decode_image_bytes(data: bytes, media: MediaSettings, *, param: str = "image
         # In place, and no convert() of what is RGB already: each copy of a 40M-pixel
         # image is 120 MB more at the peak.
         ImageOps.exif_transpose(image, in_place=True)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        if image.mode != mode:
+            image = image.convert(mode)
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -161,6 +161,9 @@ class OpenAIProvider:
         pngs = await asyncio.to_thread(lambda: [png_bytes(im) for im in job.init_images])
         files = [(f"image_{i}.png", data, "image/png") for i, data in enumerate(pngs)]
         image: Any = files[0] if len(files) == 1 else files
+        if job.mask is not None:  # OpenAI's mask: transparent where to repaint
+            mask = await asyncio.to_thread(openai_mask, job.mask)
+            params["mask"] = ("mask.png", mask, "image/png")
         try:
             resp = await self.client.images.edit(image=image, prompt=job.prompt, n=job.n,
                                                  **params)
@@ -265,6 +268,13 @@ def _image_usage(usage: object) -> tuple[int, int, int] | None:
 def _request_id(resp: object) -> str | None:
     rid = getattr(resp, "_request_id", None)
     return rid if isinstance(rid, str) else None
+
+
+def openai_mask(mask: Image.Image) -> bytes:
+    """The job's mask (L, 255 = repaint) as OpenAI's: a PNG transparent where to repaint."""
+    rgba = Image.new("RGBA", mask.size, (0, 0, 0, 255))
+    rgba.putalpha(mask.point(lambda v: 0 if v > 127 else 255))
+    return png_bytes(rgba)
 
 
 def image_data_url(image: Image.Image) -> str:

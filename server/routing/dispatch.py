@@ -27,6 +27,7 @@ from server.providers.local.batcher import Timing
 from server.providers.local.chat import LocalChat, StreamEvent
 from server.providers.local.estimate import Calibration
 from server.providers.local.images import LocalImages, LocalRun
+from server.providers.pricing import OPENAI_KINDS
 from server.retry_after import retry_headers
 from server.routing.clouds import BeforeSend as BeforeSend  # callers import it from here
 from server.routing.clouds import Clouds, NotTried, Skip
@@ -133,10 +134,16 @@ class Dispatcher:
                      before_send: BeforeSend | None = None, tiers: Tiers = None
                      ) -> tuple[list[OutImage], Served]:
         local = self.images_local
-        costs = {p: self.clouds.image_cost(p, job) for p in self.clouds.takers("image", job.model)}
-        view = self._view("image", job.model, job.quality, deadline_s, costs, bulk, tiers)
+        # Only OpenAI's edits take a mask: a masked edit goes to no other cloud.
+        skip = frozenset(n for n, up in self.clouds.upstreams.items()
+                         if job.mask is not None and up.kind not in OPENAI_KINDS)
+        costs = {p: self.clouds.image_cost(p, job)
+                 for p in self.clouds.takers("image", job.model, skip)}
+        view = self._view("image", job.model, job.quality, deadline_s, costs, bulk, tiers,
+                          skip)
         lag = 0.0 if bulk else max(0.0, self._image_lag.value(time.monotonic()))
-        signals = self._signals("image", job.model, local, job.items(), bulk, lag)  # type: ignore[arg-type]
+        signals = self._signals("image", job.model, local, job.items(), bulk, lag,  # type: ignore[arg-type]
+                                skip)
         policy = self._policy("image", bulk, tiers)
         route = decide(view, signals, policy)
         decided = time.monotonic() if route.where == "local" and not bulk else None

@@ -24,6 +24,7 @@ from server.wire.openai_images import (
     edit_size,
     fit_source,
     parse_size,
+    repaint_mask,
     to_edit_job,
     to_image_job,
 )
@@ -56,11 +57,33 @@ class ImageServing:
         return to_image_job(req, model or req.model or "auto", self.settings.images)
 
     async def edit_job(self, req: ImageEditRequest, sources: list[Source],
-                       model: str | None = None) -> ImageJob:
+                       model: str | None = None, mask: Source | None = None) -> ImageJob:
         catalog.check_image_model(model if model is not None else req.model,
                                     self.settings.clouds)
-        images = await self.edit_sources(req, sources)
-        return to_edit_job(req, model or req.model or "auto", self.settings.images, images)
+        images, raw = await self.edit_sources(req, sources)
+        repaint = None if mask is None else await self.edit_mask(mask, raw, images[0].size)
+        return to_edit_job(req, model or req.model or "auto", self.settings.images, images,
+                           repaint)
+
+    async def edit_mask(self, mask: Source, source_size: tuple[int, int],
+                        size: tuple[int, int]) -> Image.Image:
+        """The mask of an inpainting edit: the first source's size (as OpenAI requires),
+        its transparent pixels as what to repaint, fitted as the sources were."""
+        data, param = mask
+
+        def fit(im: Image.Image) -> Image.Image:
+            if im.size != source_size:
+                raise bad_request(f"The mask is {im.size[0]}x{im.size[1]} and the image "
+                                  f"{source_size[0]}x{source_size[1]}; they must be the same "
+                                  "size.", param="mask")
+            return repaint_mask(im, size)
+
+        media = self.settings.media
+        if isinstance(data, bytes):
+            return await intake.decode_image(data, media, param=param, budget=self.pixels,
+                                             fit=fit, mode="RGBA")
+        return await intake.load_image(data, media, param=param, budget=self.pixels, fit=fit,
+                                       mode="RGBA")
 
     async def variation_job(self, req: ImageVariationRequest, source: Source) -> ImageJob:
         """A variation: image-to-image of ``source`` with an empty prompt, on the local
@@ -74,11 +97,19 @@ class ImageServing:
         return replace(job, prompt="")
 
     async def edit_sources(self, req: ImageEditRequest, sources: list[Source]
-                           ) -> list[Image.Image]:
+                           ) -> tuple[list[Image.Image], tuple[int, int]]:
         """The images of an edit: decoded and fitted to the output size in one worker-
-        thread step, within the pixel budget. Unless ``size`` names the output size, the
-        first image's shape decides it, so that one goes first."""
+        thread step, within the pixel budget, and the first one's size as it came. Unless
+        ``size`` names the output size, the first image's shape decides it, so that one
+        goes first."""
         limits, media = self.settings.images, self.settings.media
+        raw: list[tuple[int, int]] = []
+
+        def first_fit(size: tuple[int, int] | None) -> intake.Fit:
+            def fit(im: Image.Image) -> Image.Image:
+                raw.append(im.size)
+                return fit_source(im, size or edit_size(req.size, im.size, limits))
+            return fit
 
         async def load(source: bytes | str, param: str, fit: intake.Fit) -> Image.Image:
             if isinstance(source, bytes):
@@ -87,17 +118,17 @@ class ImageServing:
             return await intake.load_image(source, media, param=param, budget=self.pixels,
                                            fit=fit)
 
-        first: list[Image.Image] = []
-        rest = sources
+        (source, param), rest = sources[0], sources[1:]
         if req.size in (None, "", "auto"):
-            (source, param), rest = sources[0], sources[1:]
-            first.append(await load(source, param, lambda im: fit_source(
-                im, edit_size(req.size, im.size, limits))))
-            size = first[0].size
+            first = await load(source, param, first_fit(None))
+            fit = functools.partial(fit_source, size=first.size)
+            images = [first, *await intake.load_all(load(src, p, fit) for src, p in rest)]
         else:
             size = parse_size(req.size, limits)  # before any decoding: a bad size is cheap
-        fit = functools.partial(fit_source, size=size)
-        return first + await intake.load_all(load(src, param, fit) for src, param in rest)
+            fit = functools.partial(fit_source, size=size)
+            images = await intake.load_all([load(source, param, first_fit(size)),
+                                            *(load(src, p, fit) for src, p in rest)])
+        return images, raw[0]
 
     async def run(self, account: Account, job: ImageJob, deadline_s: float, *,
                   before_send: BeforeSend | None = None) -> tuple[list[OutImage], Served]:

@@ -133,12 +133,27 @@ def fit_source(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return ImageOps.fit(image, size, Image.Resampling.LANCZOS)
 
 
+def repaint_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """OpenAI's mask (fully transparent pixels mark what to repaint) as the pipeline's:
+    mode L at ``size``, 255 where to repaint; cropped and scaled as the sources are.
+    Pixel work: call it in the decoding worker thread."""
+    alpha = mask.getchannel("A") if "A" in mask.getbands() else Image.new("L", mask.size, 255)
+    repaint = alpha.point(lambda a: 255 if a == 0 else 0)
+    fitted = ImageOps.fit(repaint, size, Image.Resampling.NEAREST)
+    if fitted.getextrema()[1] == 0:
+        raise bad_request("The mask has no fully transparent pixel, so nothing would be "
+                          "repainted: make the area to change transparent (alpha 0).",
+                          param="mask")
+    return fitted
+
+
 def to_edit_job(req: ImageEditRequest, model: str, limits: ImageSettings,
-                sources: list[Image.Image]) -> ImageJob:
+                sources: list[Image.Image], mask: Image.Image | None = None) -> ImageJob:
     """Sources are fitted (cropped to the aspect, then resized) to the output size."""
     base = to_image_job(req.model_copy(update={"size": "auto"}), model, limits)
     width, height = edit_size(req.size, sources[0].size, limits)
-    strength = req.strength or limits.default_strength
+    # A mask repaints its area outright unless told otherwise; an edit moves halfway.
+    strength = req.strength or (1.0 if mask is not None else limits.default_strength)
     needed = math.ceil(1 / strength - 1e-9)
     steps = req.steps or max(needed, QUALITY_STEPS.get(base.quality, limits.default_steps))
     if steps * strength < 1:
@@ -147,8 +162,10 @@ def to_edit_job(req: ImageEditRequest, model: str, limits: ImageSettings,
     # Sources from intake (routes/images.py edit_sources) come fitted already.
     fitted = [im if im.size == (width, height) else fit_source(im, (width, height))
               for im in sources]
+    if mask is not None and mask.size != (width, height):
+        mask = ImageOps.fit(mask, (width, height), Image.Resampling.NEAREST)
     return replace(base, width=width, height=height, steps=min(steps, 4), init_images=fitted,
-                   strength=strength)
+                   strength=strength, mask=mask)
 
 
 def parse_size(size: str | None, limits: ImageSettings) -> tuple[int, int]:

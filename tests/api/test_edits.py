@@ -169,3 +169,68 @@ def test_variations_refuse_what_they_do_not_take(base_url: str, fields: dict[str
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     missing = httpx.post(f"{base_url}/v1/images/variations", data={"n": "1"}, timeout=60)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
+
+
+# -- inpainting: images/edits with a mask (issue 15, item 2) ----------------------------------
+
+def mask_png(transparent: tuple[int, int, int, int] | None, size: tuple[int, int] = (256, 256),
+             mode: str = "RGBA") -> bytes:
+    """Opaque everywhere but ``transparent`` (a box), as OpenAI's masks are drawn."""
+    image = Image.new(mode, size, (0, 0, 0, 255) if mode == "RGBA" else (0, 0, 0))
+    if transparent is not None:
+        image.paste((0, 0, 0, 0), transparent)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def noisy_png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_mask_repaints_its_transparent_area_only(client: openai.OpenAI) -> None:
+    source = noisy_png(1)
+    r = client.images.edit(image=("src.png", source, "image/png"),
+                           mask=("mask.png", mask_png((0, 0, 128, 256)), "image/png"),
+                           prompt="a red door", size="256x256", response_format="b64_json",
+                           n=2, extra_body={"seed": 11})
+    src = np.asarray(Image.open(io.BytesIO(source)).convert("RGB")).astype(int)
+    for d in r.data:
+        out = pixels(d.b64_json)
+        assert np.array_equal(out[:, 128:], src[:, 128:])  # opaque in the mask: kept
+        assert np.abs(out[:, :128] - src[:, :128]).mean() > 5  # transparent: repainted
+    assert np.abs(pixels(r.data[0].b64_json) - pixels(r.data[1].b64_json)).mean() > 0.5
+
+
+@pytest.mark.parametrize(("mask", "says"), [
+    (mask_png(None), "no fully transparent pixel"),
+    (mask_png(None, mode="RGB"), "no fully transparent pixel"),
+    (mask_png((0, 0, 10, 10), size=(128, 128)), "must be the same size"),
+])
+def test_a_mask_that_cannot_be_used_is_a_400_on_mask(base_url: str, mask: bytes,
+                                                     says: str) -> None:
+    r = httpx.post(f"{base_url}/v1/images/edits", timeout=60,
+                   data={"prompt": "a red door", "size": "256x256"},
+                   files=[("image", ("src.png", RED, "image/png")),
+                          ("mask", ("mask.png", mask, "image/png"))])
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "mask" and says in error["message"]
+
+
+def test_a_mask_as_a_json_image_url(base_url: str) -> None:
+    """The JSON form of an edit (and so a Batch API line) takes ``mask.image_url``."""
+    def url(data: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    source = noisy_png(2)
+    r = httpx.post(f"{base_url}/v1/images/edits", timeout=60, json={
+        "prompt": "a red door", "size": "256x256", "seed": 4, "response_format": "b64_json",
+        "images": [{"image_url": url(source)}],
+        "mask": {"image_url": url(mask_png((0, 0, 256, 100)))}})
+    assert r.status_code == 200, r.text
+    out = pixels(r.json()["data"][0]["b64_json"])
+    src = np.asarray(Image.open(io.BytesIO(source)).convert("RGB")).astype(int)
+    assert np.array_equal(out[100:], src[100:]) and not np.array_equal(out[:100], src[:100])

@@ -230,6 +230,20 @@ def test_openai_edit(fake_openai: FakeOpenAI, sources: int) -> None:
         assert received.getpixel((10, 10)) == colour
 
 
+def test_openai_edit_with_a_mask_sends_it_transparent_where_to_repaint(
+        fake_openai: FakeOpenAI) -> None:
+    from dataclasses import replace
+
+    mask = Image.new("L", (512, 512), 0)
+    mask.paste(255, (0, 0, 256, 512))  # repaint the left half
+    job = replace(image_job(n=1, init=[Image.new("RGB", (512, 512), RED)]), mask=mask)
+    run(openai_provider(fake_openai), lambda p: p.edit_images(job, "gpt-image-1"))
+    [call] = fake_openai.calls
+    sent = Image.open(io.BytesIO(call.body["mask"]["data"]))
+    assert sent.mode == "RGBA" and sent.size == (512, 512)
+    assert sent.getpixel((10, 10))[3] == 0 and sent.getpixel((400, 10))[3] == 255
+
+
 def test_openai_chat_with_image(fake_openai: FakeOpenAI) -> None:
     job = chat_job(temperature=0.3, top_p=0.9, stop=("END",), seed=42)
     out = run(openai_provider(fake_openai), lambda p: p.chat(job, "gpt-4o-mini"))

@@ -120,8 +120,9 @@ async def get_image(image_id: str, state: State) -> Response:
 
 
 async def _edit_inputs(request: Request, state: AppState
-                       ) -> tuple[ImageEditRequest, list[bytes | str]]:
-    """Multipart (``image`` / repeated ``image[]`` files) or JSON (``images[].image_url``)."""
+                       ) -> tuple[ImageEditRequest, list[bytes | str], bytes | str | None]:
+    """Multipart (``image`` / repeated ``image[]`` files, an optional ``mask`` file) or
+    JSON (``images[].image_url``, an optional ``mask.image_url``)."""
     limit = state.settings.media.max_images_per_request
     if request.headers.get("content-type", "").startswith("application/json"):
         raw = await json_body(request)
@@ -132,25 +133,31 @@ async def _edit_inputs(request: Request, state: AppState
                 isinstance(r, dict) and isinstance(r.get("image_url"), str) for r in refs):
             raise bad_request("images must be a list of {\"image_url\": ...}.", param="images")
         sources: list[bytes | str] = [r["image_url"] for r in refs]
+        mask_ref = raw.pop("mask", None)
+        if mask_ref is not None and not (isinstance(mask_ref, dict)
+                                         and isinstance(mask_ref.get("image_url"), str)):
+            raise bad_request("mask must be {\"image_url\": ...}.", param="mask")
+        mask: bytes | str | None = None if mask_ref is None else mask_ref["image_url"]
         fields: dict[str, object] = raw
     else:
         form = await request.form(max_files=limit + 1, max_fields=64)
         uploads = [*form.getlist("image"), *form.getlist("image[]")]
         if any(not isinstance(u, UploadFile) for u in uploads):
             raise bad_request("image must be uploaded as a file.", param="image")
-        if "mask" in form:
-            raise bad_request("Masks (inpainting) are not supported; send the image and a "
-                              "prompt without a mask.", param="mask", code="unsupported_value")
+        masks = form.getlist("mask")
+        if len(masks) > 1 or any(not isinstance(m, UploadFile) for m in masks):
+            raise bad_request("mask must be one uploaded PNG file.", param="mask")
         max_bytes = state.settings.media.max_bytes
+        mask = None
+        if masks:
+            assert isinstance(masks[0], UploadFile)
+            mask = await masks[0].read(max_bytes + 1)
         sources = []
         for upload in uploads:
             assert isinstance(upload, UploadFile)
             data = await upload.read(max_bytes + 1)
             sources.append(data)
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    if "mask" in fields:
-        raise bad_request("Masks (inpainting) are not supported.", param="mask",
-                          code="unsupported_value")
     if not sources:
         raise bad_request("images/edits needs at least one image.", param="image")
     intake.check_count(len(sources), state.settings.media, param="image")
@@ -158,14 +165,15 @@ async def _edit_inputs(request: Request, state: AppState
         req = ImageEditRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
-    return req, sources
+    return req, sources, mask
 
 
 @router.post("/v1/images/edits")
 async def edit_image(request: Request, state: State) -> Response:
     serving = state.require_serving()  # 503 while starting, before any image is decoded
-    req, sources = await _edit_inputs(request, state)
+    req, sources, mask = await _edit_inputs(request, state)
     params = [("image" if len(sources) == 1 else f"image[{i}]") if isinstance(src, bytes)
               else f"images[{i}]" for i, src in enumerate(sources)]
-    job = await serving.images.edit_job(req, list(zip(sources, params, strict=True)))
+    job = await serving.images.edit_job(req, list(zip(sources, params, strict=True)),
+                                        mask=None if mask is None else (mask, "mask"))
     return await _run(request, state, "/v1/images/edits", job)

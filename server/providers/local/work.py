@@ -50,6 +50,8 @@ class WireItem:
     # img2img: the source as raw RGB bytes, already width x height (the intake fitted it)
     init_rgb: bytes | None = field(default=None, repr=False)
     vae: VaeChoice = "full"
+    # inpainting: the mask as raw L bytes, width x height (255 = repaint)
+    mask_l: bytes | None = field(default=None, repr=False)
 
     @staticmethod
     def of(work: ImageWork) -> WireItem:
@@ -59,13 +61,17 @@ class WireItem:
             init = init.convert("RGB")
         return WireItem(it.prompt, it.seed, it.width, it.height, it.steps, it.guidance,
                         it.strength, work.fmt, work.compression,
-                        None if init is None else init.tobytes(), it.vae)
+                        None if init is None else init.tobytes(), it.vae,
+                        None if it.mask is None else it.mask.convert("L").tobytes())
 
     def work(self) -> ImageWork:
         init = (None if self.init_rgb is None else
                 Image.frombytes("RGB", (self.width, self.height), self.init_rgb))
+        mask = (None if self.mask_l is None else
+                Image.frombytes("L", (self.width, self.height), self.mask_l))
         return ImageWork(ImageItem(self.prompt, self.seed, self.width, self.height,
-                                   self.steps, self.guidance, init, self.strength, self.vae),
+                                   self.steps, self.guidance, init, self.strength, self.vae,
+                                   mask),
                          self.fmt, self.compression)
 
 

@@ -72,3 +72,34 @@ def test_refuses_mixed_batches_and_bad_items(engine: SDXLTurbo) -> None:
 def test_long_prompt_is_truncated_not_refused(engine: SDXLTurbo) -> None:
     image = engine.text2img([ImageItem("word " * 6000, 1, 64, 64, 1)])[0]
     assert image.size == (64, 64)
+
+
+def test_inpainting_repaints_the_mask_and_keeps_the_rest(engine: SDXLTurbo) -> None:
+    """Issue 15, item 2: the masked half is made anew, the other half is the source's own
+    pixels; a mask is its own batch shape, and it travels to a worker process intact."""
+    from PIL import Image
+
+    from server.providers.local.work import ImageWork, WireItem
+
+    rng = np.random.default_rng(3)
+    source = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    item = ImageItem("a red bicycle", 7, 64, 64, 1, init_image=source, strength=1.0,
+                     mask=mask)
+    assert item.kind == "inpaint" and item.shape_key != ImageItem(
+        "x", 7, 64, 64, 1, init_image=source, strength=1.0).shape_key
+    out = arr(engine.run([item])[0])
+    src = arr(source)
+    assert np.array_equal(out[:, 32:], src[:, 32:])  # untouched: the source, exactly
+    assert np.abs(out[:, :32] - src[:, :32]).mean() > 5  # repainted
+    again = arr(engine.run([item])[0])
+    assert np.array_equal(out, again)  # seeded, as every other kind
+    other = arr(engine.run([ImageItem("a red bicycle", 8, 64, 64, 1, init_image=source,
+                                      strength=1.0, mask=mask)])[0])
+    assert np.abs(out[:, :32] - other[:, :32]).mean() > 1  # the seed decides the new part
+    wired = WireItem.of(ImageWork(item, "png", None)).work().item
+    assert wired.mask is not None and np.array_equal(arr(wired.mask), arr(mask))
+    with pytest.raises(ValueError, match="mask"):
+        engine.run([ImageItem("x", 7, 64, 64, 1, init_image=source, strength=1.0,
+                              mask=Image.new("L", (32, 32), 255))])
