@@ -82,6 +82,9 @@ class Line:
 def typed(endpoint: str, body: dict[str, Any], media: MediaSettings) -> Line:
     if endpoint == CHAT:
         return Line(chat=ChatRequest.model_validate(body))
+    if body.get("stream"):
+        raise bad_request("Streaming is not available in a batch; omit 'stream'.",
+                          param="stream", code="unsupported_value")
     if endpoint == GENERATIONS:
         return Line(image=ImageGenerationRequest.model_validate(body))
     fields = dict(body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
 import secrets
@@ -63,6 +65,7 @@ class ImageGenerationRequest(WireModel):
     output_compression: int | None = Field(None, ge=0, le=100)
     background: Literal["transparent", "opaque", "auto"] | None = None
     stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
     user: str | None = None
     # Spillway extensions
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -192,10 +195,37 @@ def seeds_for(seed: int | None, n: int) -> list[int]:
     return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
 
 
+def check_stream(req: ImageGenerationRequest, job: ImageJob) -> None:
+    """A streamed request's limits: its images come as base64 events, and partial images
+    (the intermediate steps) are not made yet, so they are refused by name where a
+    request could have them (one step has no intermediate image: just the final one)."""
+    if req.response_format == "url":
+        raise bad_request("A streamed answer carries its images as base64; omit "
+                          "response_format or ask for b64_json.", param="response_format",
+                          code="unsupported_value")
+    if req.partial_images and job.steps > 1:
+        raise bad_request(f"partial_images are not made by this server yet (this request "
+                          f"runs {job.steps} steps); ask for 0, or stream without them.",
+                          param="partial_images", code="unsupported_value")
+
+
+def stream_events(kind: str, job: ImageJob, images: list[bytes]) -> list[str]:
+    """The SSE events of a streamed answer (``kind``: image_generation or image_edit): one
+    ``<kind>.completed`` per image, as OpenAI sends them. Local work bills no tokens."""
+    usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+    events = []
+    for data in images:
+        body = {"type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode(),
+                "created_at": int(time.time()), "size": f"{job.width}x{job.height}",
+                "quality": job.quality if job.quality in ("low", "medium", "high") else "auto",
+                "background": "opaque", "output_format": job.output_format, "usage": usage}
+        events.append(f"event: {kind}.completed\ndata: "
+                      f"{json.dumps(body, separators=(',', ':'))}\n\n")
+    return events
+
+
 def to_image_job(req: ImageGenerationRequest, model: str, limits: ImageSettings) -> ImageJob:
-    if req.stream:
-        raise bad_request("Streaming image generation is not supported; omit 'stream'.",
-                          param="stream", code="unsupported_value")
     if req.background == "transparent":
         raise bad_request("Transparent backgrounds are not supported by this model.",
                           param="background", code="unsupported_value")

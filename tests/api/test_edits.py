@@ -234,3 +234,33 @@ def test_a_mask_as_a_json_image_url(base_url: str) -> None:
     out = pixels(r.json()["data"][0]["b64_json"])
     src = np.asarray(Image.open(io.BytesIO(source)).convert("RGB")).astype(int)
     assert np.array_equal(out[100:], src[100:]) and not np.array_equal(out[:100], src[:100])
+
+
+# -- streamed images (issue 15, item 4) -------------------------------------------------------
+
+def test_a_streamed_generation_and_edit_through_the_openai_sdk(client: openai.OpenAI) -> None:
+    events = list(client.images.generate(prompt="a red bicycle", size="256x256", n=2,
+                                         stream=True, partial_images=2,  # one step: none
+                                         extra_body={"seed": 5}))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    plain = client.images.generate(prompt="a red bicycle", size="256x256", n=2,
+                                   response_format="b64_json", extra_body={"seed": 5})
+    for event, whole in zip(events, plain.data, strict=True):
+        assert event.size == "256x256" and event.output_format == "png"
+        assert np.array_equal(pixels(event.b64_json), pixels(whole.b64_json))
+    edited = list(client.images.edit(image=("red.png", RED, "image/png"), prompt="blue",
+                                     size="256x256", stream=True, extra_body={"seed": 5}))
+    assert [e.type for e in edited] == ["image_edit.completed"]
+    assert pixels(edited[0].b64_json).shape == (256, 256, 3)
+
+
+def test_what_a_stream_cannot_carry_is_refused_by_name(base_url: str) -> None:
+    def streamed(**body: object) -> httpx.Response:
+        return httpx.post(f"{base_url}/v1/images/generations", timeout=60,
+                          json={"prompt": "x", "size": "256x256", "stream": True, **body})
+    r = streamed(partial_images=1, quality="high")  # four steps: partials not made yet
+    assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"
+    r = streamed(response_format="url")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    r = streamed(partial_images=4)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -30,7 +30,9 @@ from server.wire.openai_images import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImageVariationRequest,
+    check_stream,
     images_response,
+    stream_events,
 )
 
 router = APIRouter()
@@ -42,6 +44,10 @@ public_router = APIRouter()
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerationRequest, request: Request, state: State) -> Response:
     job = state.require_serving().images.generation_job(body)
+    if body.stream:
+        check_stream(body, job)
+        return await _run_streamed(request, state, "/v1/images/generations", job,
+                                   "image_generation")
     return await _run(request, state, "/v1/images/generations", job)
 
 
@@ -56,6 +62,18 @@ async def run_image_job(request: Request, state: AppState, endpoint: str, job: I
                 account, job, deadline_s(request, state)))
         except ClientGone:
             return None
+
+
+async def _run_streamed(request: Request, state: AppState, endpoint: str, job: ImageJob,
+                        kind: str) -> Response:
+    """``stream=true``: the answer as OpenAI's image stream events (server-sent)."""
+    ran = await run_image_job(request, state, endpoint, job)
+    if ran is None:
+        return Response(status_code=499)
+    images, served = ran
+    events = stream_events(kind, job, [image.data for image in images])
+    return StreamingResponse(iter(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **served.headers()})
 
 
 async def _run(request: Request, state: AppState, endpoint: str, job: ImageJob) -> Response:
@@ -176,4 +194,7 @@ async def edit_image(request: Request, state: State) -> Response:
               else f"images[{i}]" for i, src in enumerate(sources)]
     job = await serving.images.edit_job(req, list(zip(sources, params, strict=True)),
                                         mask=None if mask is None else (mask, "mask"))
+    if req.stream:
+        check_stream(req, job)
+        return await _run_streamed(request, state, "/v1/images/edits", job, "image_edit")
     return await _run(request, state, "/v1/images/edits", job)

@@ -254,6 +254,7 @@ def test_the_body_must_be_an_object(serving: Serving, body: Any) -> None:
     (CHAT, {**CHAT_BODY, "stream": True}, "unsupported_value", "stream"),
     (EDITS, {**EDIT_BODY, "mask": [PNG]}, "invalid_value", "mask must be"),
     (EDITS, {**EDIT_BODY, "strength": 0.1}, "invalid_value", "'strength'"),
+    (GENERATIONS, {**GEN_BODY, "stream": True}, "unsupported_value", "stream"),
 ])
 def test_a_bad_field_is_that_lines_reject(serving: Serving, endpoint: str,
                                           body: dict[str, Any], code: str, says: str) -> None:

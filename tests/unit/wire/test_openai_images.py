@@ -11,6 +11,7 @@ from server.store.image_store import ImageStore
 from server.wire.openai_chat import ChatRequest
 from server.wire.openai_images import (
     ImageGenerationRequest,
+    check_stream,
     edit_size,
     parse_size,
     seeds_for,
@@ -45,8 +46,17 @@ def test_quality_maps_to_steps_and_extension_wins() -> None:
     assert job.steps == 3
     job = to_image_job(ImageGenerationRequest(prompt="x", n=3, seed=1), "m", limits)
     assert [i.seed for i in job.items()] == [1, 2, 3]
-    with pytest.raises(APIError):
-        to_image_job(ImageGenerationRequest(prompt="x", stream=True), "m", limits)
+    # streamed: no url answers, no partial images where the job has intermediate steps
+    streamed = ImageGenerationRequest(prompt="x", stream=True, partial_images=2)
+    check_stream(streamed, to_image_job(streamed, "m", limits))  # 1 step: none to make
+    high = ImageGenerationRequest(prompt="x", stream=True, partial_images=2, quality="high")
+    with pytest.raises(APIError) as exc:
+        check_stream(high, to_image_job(high, "m", limits))
+    assert exc.value.param == "partial_images"
+    as_url = ImageGenerationRequest(prompt="x", stream=True, response_format="url")
+    with pytest.raises(APIError) as exc:
+        check_stream(as_url, to_image_job(as_url, "m", limits))
+    assert exc.value.param == "response_format"
 
 
 def nested(depth: int) -> list[object]:
