@@ -244,10 +244,19 @@ class Prices(BaseModel):
     local_gpu_per_hour: float = Field(2.0, ge=0, description="what an hour of the box costs")
 
 
-class OpenAISettings(BaseModel):
-    """OpenAI, an OpenAI-compatible relay (base_url), or Azure OpenAI (azure_endpoint)."""
+class _Keyed(BaseModel):
+    """A section that is configured when it holds a key."""
 
     api_key: SecretStr | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.api_key is not None and bool(self.api_key.get_secret_value())
+
+
+class OpenAISettings(_Keyed):
+    """OpenAI, an OpenAI-compatible relay (base_url), or Azure OpenAI (azure_endpoint)."""
+
     base_url: str | None = None
     azure_endpoint: str | None = None
     azure_api_version: str = "2025-04-01-preview"
@@ -258,22 +267,13 @@ class OpenAISettings(BaseModel):
     vision_model: str = "gpt-4o-mini"
     timeout_s: float = Field(120.0, gt=0)
 
-    @property
-    def configured(self) -> bool:
-        return self.api_key is not None and bool(self.api_key.get_secret_value())
 
-
-class GeminiSettings(BaseModel):
-    api_key: SecretStr | None = None
+class GeminiSettings(_Keyed):
     base_url: str | None = None
     api_version: str | None = None
     image_model: str = "gemini-2.5-flash-image"
     vision_model: str = "gemini-2.5-flash"
     timeout_s: float = Field(120.0, gt=0)
-
-    @property
-    def configured(self) -> bool:
-        return self.api_key is not None and bool(self.api_key.get_secret_value())
 
 
 def legacy_upstreams(openai: OpenAISettings, gemini: GeminiSettings) -> list[UpstreamSettings]:

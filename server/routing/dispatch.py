@@ -275,12 +275,7 @@ class Dispatcher:
                 if isinstance(chunk, str):
                     yield chunk
                 else:
-                    equivalent = self.clouds.equivalent_chat(job, chunk.prompt_tokens,
-                                                             chunk.completion_tokens)
-                    yield chunk, Served(name, reason, chunk.cost_usd, equivalent,
-                                        upstream_model=chunk.model,
-                                        prompt_tokens=chunk.prompt_tokens,
-                                        completion_tokens=chunk.completion_tokens)
+                    yield chunk, self._cloud_chat_served(name, reason, job, chunk)
                 try:
                     chunk = await anext(chunks, None)
                 except ProviderError as exc:  # after the headers: one error event
@@ -306,12 +301,17 @@ class Dispatcher:
         cloud = self.clouds.providers[provider]
         outcome = await self.clouds.send(provider, model, lambda: cloud.chat(job, model),
                                        before_send)
+        return outcome, self._cloud_chat_served(provider, reason, job, outcome)
+
+    def _cloud_chat_served(self, name: str, reason: str, job: ChatJob,
+                           outcome: ChatOutcome) -> Served:
+        """What an upstream's chat answer says about itself: where, why, its cost and
+        tokens, and what the reference upstream would have charged."""
         equivalent = self.clouds.equivalent_chat(job, outcome.prompt_tokens,
                                                  outcome.completion_tokens)
-        return outcome, Served(provider, reason, outcome.cost_usd, equivalent,
-                               upstream_model=outcome.model,
-                               prompt_tokens=outcome.prompt_tokens,
-                               completion_tokens=outcome.completion_tokens)
+        return Served(name, reason, outcome.cost_usd, equivalent,
+                      upstream_model=outcome.model, prompt_tokens=outcome.prompt_tokens,
+                      completion_tokens=outcome.completion_tokens)
 
     async def _on_clouds(self, route: Route, local: LocalImages | LocalChat | None,
                          attempt: Callable[[str, str], Awaitable[T]]) -> tuple[T | None, Route]:
